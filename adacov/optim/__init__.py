@@ -1,0 +1,5 @@
+"""Curvature-aware Adam variants as torch optimizers."""
+
+from adacov.optim.adacov import AdaCov
+
+__all__ = ["AdaCov"]

@@ -1,0 +1,29 @@
+"""Hyperparameter checks shared by the optimizers: each raises ValueError naming the value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def check_positive(name: str, value: float) -> None:
+    """Reject ``value <= 0`` (and NaN)."""
+    if not value > 0:
+        raise ValueError(f"Invalid {name}: {value} (must be > 0)")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    """Reject ``value < 0`` (and NaN)."""
+    if not value >= 0:
+        raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
+
+
+def check_positive_int(name: str, value: int) -> None:
+    """Reject anything but an integer ``>= 1``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
+
+
+def check_betas(betas: Sequence[float]) -> None:
+    """Reject betas that are not two numbers in [0, 1)."""
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"Invalid betas: {tuple(betas)} (each must be in [0, 1))")

@@ -1,0 +1,133 @@
+"""Training-step and optimizer-step time of each optimizer against torch.optim.Adam (foreach).
+
+All optimizers train their own copy of the paper-style 6-conv net on one fixed CIFAR-shaped batch,
+interleaved round by round in one process (so machine noise hits them alike). Each round times
+one full training step (zero_grad, forward, backward, optimizer step) and, inside it, the optimizer
+step alone. Reports medians over rounds after a warm-up and the ratio to Adam.
+
+    python benchmarks/optimizer_step.py --kernel-sizes 3 5 --rounds 15 --out results/optimizer_step_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adacov import AdaCov
+from models import ConvNet6
+
+OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True),
+    "adacov": lambda m: AdaCov(m.parameters(), lr=1e-3),
+}
+
+
+class Timer:
+    """Wall time of a code region: perf_counter on CPU, CUDA events (one sync per round) on GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return end - start
+
+
+def time_kernel_size(kernel_size: int, names: list[str], rounds: int, warmup: int, batch: int, device: torch.device):
+    """Median training-step and optimizer-step seconds for each optimizer name."""
+    torch.manual_seed(0)
+    template = ConvNet6(kernel_size=kernel_size).to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+    runs = {}
+    for name in names:
+        model = ConvNet6(kernel_size=kernel_size).to(device)
+        model.load_state_dict(template.state_dict())
+        runs[name] = (model, OPTIMIZERS[name](model))
+    timer = Timer(device)
+    samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in names}
+    for r in range(warmup + rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            model, optimizer = runs[name]
+            t0 = timer.start()
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            t1 = timer.start()
+            optimizer.step()
+            t2 = timer.start()
+            if r >= warmup:
+                samples[name][0].append(timer.seconds(t0, t2))
+                samples[name][1].append(timer.seconds(t1, t2))
+    return {name: (statistics.median(a), statistics.median(b)) for name, (a, b) in samples.items()}
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+def report(results: dict[int, dict[str, tuple[float, float]]], args: argparse.Namespace, device: torch.device) -> str:
+    lines = [
+        f"Machine: {machine_description(device)}",
+        f"Net: ConvNet6 widths 32-32-64-64-128-128, batch {args.batch}, CIFAR-shaped input; "
+        f"medians of {args.rounds} interleaved rounds after {args.warmup} warm-up rounds.",
+        "",
+        "| kernel | optimizer | train step (ms) | vs Adam | optimizer step (ms) | vs Adam |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, per_opt in results.items():
+        base_train, base_opt = per_opt["adam"]
+        for name, (train, opt) in per_opt.items():
+            lines.append(
+                f"| {k}x{k} | {name} | {train * 1e3:.1f} | {100 * (train / base_train - 1):+.1f} % "
+                f"| {opt * 1e3:.1f} | x{opt / base_opt:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel-sizes", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    args = parser.parse_args(argv)
+    names = ["adam"] + [n for n in args.optimizers if n != "adam"]
+    device = torch.device(args.device)
+    results = {k: time_kernel_size(k, names, args.rounds, args.warmup, args.batch, device) for k in args.kernel_sizes}
+    text = report(results, args, device)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        command = "python benchmarks/optimizer_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.out.write_text(f"# Optimizer step time\n\nCommand: `{command}`\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Invalid hyperparameters raise ValueError naming the value."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from adacov import AdaCov
+
+INVALID_ADACOV = [
+    ("lr", -1e-3),
+    ("betas", (1.0, 0.999)),
+    ("betas", (0.9, -0.1)),
+    ("eps", 0.0),
+    ("cov_eps", -1e-5),
+    ("offdiag_warmup", 0),
+    ("weight_decay", -0.1),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), INVALID_ADACOV, ids=[f"{n}={v}" for n, v in INVALID_ADACOV])
+def test_adacov_rejects(name, value):
+    with pytest.raises(ValueError, match=re.escape(f"Invalid {name}: {value}")):
+        AdaCov([torch.zeros(2, requires_grad=True)], **{name: value})
+
+
+def test_adacov_rejects_bad_param_group_override():
+    with pytest.raises(ValueError, match="Invalid cov_eps: 0"):
+        AdaCov([{"params": [torch.zeros(2, requires_grad=True)], "cov_eps": 0}])

@@ -1,0 +1,28 @@
+"""Train the paper's 6-conv net with one optimizer: ``python train.py optimizer=adacov ...``.
+
+A thin Hydra entry point over ``adacov.training.train``; user errors end as one line on stderr
+with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from adacov.errors import UserError
+from adacov.training import train
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)["train_loss"]
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
