@@ -7,12 +7,16 @@ with exit status 2.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from adacov.cli import check_group_choices
 from adacov.errors import UserError
 from adacov.training import train
+
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -25,4 +29,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:
+        check_group_choices(sys.argv[1:], CONFIG_DIR)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()

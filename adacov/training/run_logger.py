@@ -10,6 +10,7 @@ import platform
 import socket
 import subprocess
 import sys
+import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,7 +159,7 @@ def _start_wandb(run_dir: Path, run_info: dict[str, Any], settings: dict[str, An
         import wandb
 
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         return wandb.init(
             project=settings["project"],

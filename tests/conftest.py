@@ -1,0 +1,48 @@
+"""Compose the real Hydra config, shrunk to seconds on CPU, for tests of the pipeline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+SMALL_MODEL = ["model.channels=[4,4,8,8,8,8]", "batch_size=32"]
+SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=64", *SMALL_MODEL]
+
+
+def compose_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
+    """The train config with ``overrides`` applied, writing into ``tmp_path`` with W&B off."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=True,
+            overrides=["device=cpu", "wandb.mode=disabled", "epochs=2", *overrides],
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.paths.runs_dir = str(tmp_path / "runs")
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def small_config(tmp_path):
+    return lambda *overrides: compose_config(tmp_path, [*SMALL, *overrides])
+
+
+def run_cli(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in ``cwd`` (runs land in ``cwd/runs``), W&B off unless overridden."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs
+    )

@@ -1,0 +1,35 @@
+"""Every config group option composes and instantiates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adacov.training.loop import build_optimizer, instantiate
+from tests.conftest import CONFIG_DIR, SMALL_MODEL, compose_config
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("optimizer", _options("optimizer"))
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_optimizer_and_model_instantiate(small_config, optimizer, kernel_size):
+    cfg = small_config(f"optimizer={optimizer}", f"model.kernel_size={kernel_size}")
+    model = instantiate(cfg.model, in_channels=3, image_size=32, num_classes=100)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    assert model.features[0].kernel_size == (kernel_size, kernel_size)
+    assert isinstance(build_optimizer(cfg.optimizer, model), torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("data", [d for d in _options("data") if d != "cifar100"])
+def test_data_instantiates(tmp_path, data):
+    images = instantiate(compose_config(tmp_path, [f"data={data}", *SMALL_MODEL]).data)
+    assert images.train_x.dtype == torch.uint8 and images.train_x.dim() == 4
+    assert int(images.train_y.max()) < images.num_classes
+
+
+def test_cifar100_config_points_at_the_data_dir(tmp_path):
+    cfg = compose_config(tmp_path, ["data=cifar100"])
+    assert cfg.data.root == str(tmp_path / "data") and cfg.data.download is True
