@@ -52,3 +52,71 @@ class ReferenceAdaCov:
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+class ReferenceMBF:
+    """MBF's rule (issue 4, item 2) block by block, with ``np.linalg.solve`` on explicit matrices.
+
+    ``spec`` lists ``(kind, indices)`` over the parameter list: ``("conv", [w])``, ``("rows", [w, b])``,
+    ``("shared_rows", [w, b])`` or ``("adam", [p])``.
+    """
+
+    def __init__(self, params, spec, lr, betas=(0.9, 0.999), damping=3e-3, eps=1e-8, weight_decay=0.0,
+                 curvature_every=1, inverse_every=1):
+        self.spec, self.lr, (self.b1, self.b2) = spec, lr, betas
+        self.damping, self.eps, self.wd = damping, eps, weight_decay
+        self.T1, self.T2, self.t, self.k = curvature_every, inverse_every, 0, 0
+        self.m = [np.zeros_like(p) for p in params]
+        self.v = [np.zeros_like(p) for p in params]
+        self.F, self.A = {}, {}
+
+    def _vectors(self, kind, idx, arrays):
+        """The blocks' sub-vectors: rows of a [blocks, size] matrix."""
+        if kind == "conv":
+            w = arrays[idx[0]]
+            return w.reshape(w.shape[0] * w.shape[1], -1)
+        w = arrays[idx[0]]
+        return np.concatenate([w, arrays[idx[1]][:, None]], 1) if len(idx) > 1 else w
+
+    def step(self, params, grads):
+        self.t += 1
+        t, b1, b2 = self.t, self.b1, self.b2
+        curvature_due = (t - 1) % self.T1 == 0
+        factor_due = (t - 1) % self.T2 == 0
+        if curvature_due:
+            self.k += 1
+        out = [p * (1 - self.lr * self.wd) for p in params]
+        for i, g in enumerate(grads):
+            self.m[i] = b1 * self.m[i] + (1 - b1) * g
+        for n, (kind, idx) in enumerate(self.spec):
+            if kind == "adam":
+                i = idx[0]
+                self.v[i] = b2 * self.v[i] + (1 - b2) * grads[i] ** 2
+                m_hat, v_hat = self.m[i] / (1 - b1**t), self.v[i] / (1 - b2**t)
+                out[i] = out[i] - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+                continue
+            G = self._vectors(kind, idx, grads)
+            M_hat = self._vectors(kind, idx, self.m) / (1 - b1**t)
+            size = G.shape[1]
+            if kind == "shared_rows":
+                if curvature_due:
+                    mean_outer = sum(np.outer(row, row) for row in G) / G.shape[0]
+                    self.F[n] = b2 * self.F.get(n, np.zeros((size, size))) + (1 - b2) * mean_outer
+                if factor_due:
+                    self.A[n] = self.F[n] / (1 - b2**self.k) + self.damping * np.eye(size)
+                D = np.stack([np.linalg.solve(self.A[n], row) for row in M_hat])
+            else:
+                if curvature_due:
+                    F = self.F.get(n, np.zeros((G.shape[0], size, size)))
+                    self.F[n] = np.stack([b2 * F[j] + (1 - b2) * np.outer(G[j], G[j]) for j in range(G.shape[0])])
+                if factor_due:
+                    self.A[n] = np.stack([f / (1 - b2**self.k) + self.damping * np.eye(size) for f in self.F[n]])
+                D = np.stack([np.linalg.solve(self.A[n][j], M_hat[j]) for j in range(G.shape[0])])
+            w = idx[0]
+            if kind == "conv":
+                out[w] = out[w] - self.lr * D.reshape(params[w].shape)
+            else:
+                out[w] = out[w] - self.lr * D[:, : params[w].shape[1]]
+                if len(idx) > 1:
+                    out[idx[1]] = out[idx[1]] - self.lr * D[:, -1]
+        return out

@@ -16,7 +16,7 @@ __all__ = [
     "symmetric_eigh",
     "apply_inverse_root",
     "blend_offdiagonal",
-    "cholesky_solve_damped",
+    "cholesky_damped",
 ]
 
 # Below this many blocks a thread pool costs more than it saves.
@@ -24,26 +24,30 @@ _MIN_BLOCKS_PER_THREAD = 512
 
 
 @lru_cache(maxsize=None)
-def _eigh_pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adacov-eigh")
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adacov-linalg")
 
 
-def _eigh_into(A: Tensor, w: Tensor, Q: Tensor) -> None:
-    """``eigh`` of ``A`` written into ``(w, Q)``; on CPU the batch is split over threads.
+def _batched_in_threads(fn, A: Tensor, out: tuple[Tensor, ...]) -> None:
+    """``fn(A, out=out)`` for a batched LAPACK routine; on CPU the batch is split over threads.
 
-    Hand-written because torch's batched CPU ``eigh`` runs the whole batch on one thread
-    (31,840 9x9 blocks: 233 ms with 1 thread, 229 ms with 2), while LAPACK is thread-safe and
-    torch releases the GIL, so chunks in a thread pool use every core (132 ms on 2 cores).
+    Hand-written because torch runs batched CPU ``eigh`` / ``cholesky_ex`` on one thread
+    (31,840 9x9 blocks: eigh 233 ms with 1 thread, 229 ms with 2), while LAPACK is thread-safe and
+    torch releases the GIL, so chunks in a thread pool use every core (eigh: 132 ms on 2 cores).
     """
     workers = torch.get_num_threads()
     if A.device.type != "cpu" or workers < 2 or A.shape[0] < 2 * _MIN_BLOCKS_PER_THREAD:
-        torch.linalg.eigh(A, out=(w, Q))
+        fn(A, out=out)
         return
     chunks = min(workers, A.shape[0] // _MIN_BLOCKS_PER_THREAD)
-    jobs = zip(A.chunk(chunks), w.chunk(chunks), Q.chunk(chunks))
-    futures = [_eigh_pool(workers).submit(torch.linalg.eigh, a, out=(wc, qc)) for a, wc, qc in jobs]
+    parts = zip(A.chunk(chunks), *(o.chunk(chunks) for o in out))
+    futures = [_pool(workers).submit(fn, a, out=tuple(o)) for a, *o in parts]
     for future in futures:
         future.result()
+
+
+def _eigh_into(A: Tensor, w: Tensor, Q: Tensor) -> None:
+    _batched_in_threads(torch.linalg.eigh, A, (w, Q))
 
 
 def symmetric_eigh(A: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -106,40 +110,31 @@ def blend_offdiagonal(C: Tensor, s: float, out: Tensor) -> Tensor:
     return out
 
 
-def cholesky_solve_damped(F: Tensor, damping: float, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Cholesky factor of ``F + damping I`` and the solution of ``(F + damping I) x = b``.
+def cholesky_damped(F: Tensor, damping: float) -> tuple[Tensor, int]:
+    """Lower Cholesky factor of ``F + damping I`` for ``F`` of shape ``[B, d, d]`` (or ``[d, d]``).
 
-    Args:
-        F: ``[B, d, d]`` symmetric positive semi-definite; damping: ``> 0``; b: ``[B, d]``.
-
-    Returns:
-        ``(L, x)`` with ``L`` the ``[B, d, d]`` lower Cholesky factor and ``x`` of shape ``[B, d]``.
-        Blocks whose factorization fails are refactored in float64 with growing jitter.
+    Returns the factor and the number of blocks that failed to factor in ``F``'s dtype; those are
+    redone in float64 with jitter ``j * 10^k``, ``k = 0, 1, ...``, until they factor, where
+    ``j = max(damping, 1e-12 * max |diag F|)`` keeps the jitter above the block's rounding level.
     """
-    L = cholesky_damped(F, damping)
-    return L, torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
-
-
-def cholesky_damped(F: Tensor, damping: float) -> Tensor:
-    """Lower Cholesky factor of ``F + damping I`` for ``F`` of shape ``[B, d, d]``.
-
-    Blocks whose factorization fails (``info > 0``) are redone in float64 with jitter
-    ``damping * 10^k`` added, ``k = 0, 1, ...``, until every block factors.
-    """
-    eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
-    L, info = torch.linalg.cholesky_ex(F + damping * eye)
+    batched = F.dim() == 3
+    F3 = F if batched else F.unsqueeze(0)
+    A = F3 + damping * torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
+    L = torch.empty_like(A)
+    info = torch.empty(A.shape[0], dtype=torch.int32, device=A.device)
+    _batched_in_threads(torch.linalg.cholesky_ex, A, (L, info))
     bad = info != 0
-    if bool(bad.any()):
-        F_bad = F[bad].double()
-        eye64 = eye.double()
-        jitter = damping
+    failed = int(bad.sum())
+    if failed:
+        F_bad = F3[bad].double()
+        eye64 = torch.eye(F.shape[-1], dtype=torch.float64, device=F.device)
+        jitter = max(damping, 1e-12 * F_bad.diagonal(dim1=-2, dim2=-1).abs().max().item())
         for _ in range(12):
             L64, info64 = torch.linalg.cholesky_ex(F_bad + jitter * eye64)
             if not bool((info64 != 0).any()):
                 break
             jitter *= 10.0
         else:
-            raise torch.linalg.LinAlgError(f"Cholesky failed on {int(bad.sum())} blocks even in float64")
+            raise torch.linalg.LinAlgError(f"Cholesky failed on {failed} blocks even in float64 with jitter {jitter:g}")
         L[bad] = L64.to(F.dtype)
-    return L
-
+    return (L if batched else L[0]), failed

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from adacov.data import ImageData
 from adacov.errors import UserError
+from adacov.optim import MBF, mbf_param_groups
 from adacov.training.checkpoint import load_checkpoint, save_checkpoint
 from adacov.training.run_logger import RunLogger, environment
 from adacov.training.timing import StepTimer
@@ -155,10 +156,11 @@ def evaluate(model: nn.Module, data: ImageData, mean: torch.Tensor, std: torch.T
 
 
 def build_optimizer(optimizer_cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Bind the partially instantiated optimizer to the model's parameters."""
+    """Bind the partially instantiated optimizer to the model's parameters (MBF: its mini-block groups)."""
     factory = instantiate(optimizer_cfg)
+    params = mbf_param_groups(model) if getattr(factory, "func", None) is MBF else model.parameters()
     try:
-        return factory(model.parameters())
+        return factory(params)
     except ValueError as error:
         raise UserError(f"optimizer: {error}") from error
 

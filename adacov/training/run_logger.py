@@ -171,7 +171,7 @@ def _start_wandb(run_dir: Path, run_info: dict[str, Any], settings: dict[str, An
             name=run_info["run_name"],
             group=f"{run_info['optimizer']}-k{run_info['kernel_size']}",
             tags=list(settings.get("tags") or []),
-            config=run_info["config"],
+            config={**run_info["config"], "run": {k: v for k, v in run_info.items() if k != "config"}},
             reinit="finish_previous",
         )
     except Exception as error:  # noqa: BLE001 - any W&B failure falls back to the local files

@@ -1,0 +1,67 @@
+"""Rebuild the paper's Figure 1 and Table 1 from logged runs.
+
+    python plot_curves.py RUNS_DIR --out OUT_DIR
+    python plot_curves.py --from-wandb ENTITY/PROJECT --out OUT_DIR
+
+Writes figure1.png, figure1.pdf, figure1_walltime.png, table1.md and table1.csv into OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from adacov.errors import UserError
+from adacov.report import build_table, load_runs, plot_figure, table_markdown
+from adacov.report.runs import check_consistent, runs_from_wandb
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Figure 1 and Table 1 from train.py runs.")
+    parser.add_argument("runs_dir", nargs="?", type=Path, help="directory searched for run directories")
+    parser.add_argument("--out", type=Path, required=True, help="where the figures and tables go")
+    parser.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead (online)")
+    parser.add_argument("--window", type=int, default=10, help="moving-average window in steps (paper: 10)")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("always")
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.from_wandb:
+                runs = load_runs(runs_from_wandb(args.from_wandb, Path(tmp)))
+            elif args.runs_dir is None:
+                raise UserError("give RUNS_DIR or --from-wandb ENTITY/PROJECT")
+            else:
+                runs = load_runs(args.runs_dir)
+            write_outputs(runs, args.out, args.window)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def write_outputs(runs, out: Path, window: int) -> None:
+    problems = check_consistent(runs)
+    for problem in problems:
+        warnings.warn(f"{problem}: compare with care")
+    out.mkdir(parents=True, exist_ok=True)
+    first = runs[0].info
+    setting = f"{first.get('data')}, batch {first.get('batch_size')}, {first.get('device_name')}"
+    if problems:
+        setting += " (settings differ between runs, see table notes)"
+    plot_figure(runs, out / "figure1", "epoch", window, ("png", "pdf"), title=f"Training loss - {setting}")
+    plot_figure(runs, out / "figure1_walltime", "time", window, ("png",), title=f"Training loss vs time - {setting}")
+    table = build_table(runs)
+    table.to_csv(out / "table1.csv", index=False)
+    header = f"Runs: {len(runs)} from `{runs[0].path.parent}`; data {first.get('data')}, batch {first.get('batch_size')}."
+    if problems:
+        header += "\n\nWarning: " + "; ".join(problems) + "."
+    (out / "table1.md").write_text(table_markdown(table, header))
+    print(f"wrote {', '.join(p.name for p in sorted(out.glob('figure1*')))}, table1.md, table1.csv to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
