@@ -3,9 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# make reproduce settings; e.g. `make reproduce EPOCHS=2 DATA=synthetic` for a quick look
+EPOCHS ?= 20
+DATA ?= cifar100
+OUT ?= $(if $(filter cifar100,$(DATA)),results,results/$(DATA))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-gpu bench
+.PHONY: help install test test-gpu bench demo reproduce data
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -27,3 +31,16 @@ test-gpu: install ## run the GPU-marked tests (needs CUDA)
 
 bench: install ## AdaCov vs Adam step time on the 6-conv net -> results/optimizer_step_cpu.md
 	$(PY) benchmarks/optimizer_step.py --out results/optimizer_step_cpu.md
+
+data: install ## download and verify CIFAR-100 into data/ (stops with a message where it cannot)
+	$(PY) -m adacov.data.cifar100 --root data
+
+demo: install ## offline CPU demo on scikit-learn digits -> results/demo/figure1.png, table1.md
+	rm -rf results/demo/runs
+	WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=demo
+	$(PY) plot_curves.py results/demo/runs --out results/demo
+
+reproduce: install ## the paper's sweep (18 runs) and its Figure 1 / Table 1 -> $(OUT)
+	$(if $(filter cifar100,$(DATA)),$(PY) -m adacov.data.cifar100 --root data,)
+	$(PY) train.py -m experiment=paper data=$(DATA) epochs=$(EPOCHS)
+	$(PY) plot_curves.py runs/paper/$(DATA) --out $(OUT)

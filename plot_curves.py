@@ -26,8 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead (online)")
     parser.add_argument("--window", type=int, default=10, help="moving-average window in steps (paper: 10)")
     args = parser.parse_args(argv)
-    warnings.simplefilter("always")
-    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if args.from_wandb:
@@ -64,4 +62,6 @@ def write_outputs(runs, out: Path, window: int) -> None:
 
 
 if __name__ == "__main__":
+    warnings.simplefilter("always")
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
     sys.exit(main())

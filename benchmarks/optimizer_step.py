@@ -27,7 +27,7 @@ from models import ConvNet6
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True),
     "adacov": lambda m: AdaCov(m.parameters(), lr=1e-3),
-    "mbf": lambda m: MBF(mbf_param_groups(m), lr=3e-5, weight_decay=10.0),
+    "mbf": lambda m: MBF(mbf_param_groups(m), lr=3e-3, weight_decay=0.1),
 }
 
 

@@ -79,5 +79,5 @@ def build_table(runs: list[Run]) -> pd.DataFrame:
 
 
 def table_markdown(table: pd.DataFrame, header: str) -> str:
-    body = table.to_markdown(index=False, floatfmt=".1f", missingval="-")
+    body = table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".1f", missingval="-")
     return f"# Table 1: training-time increase over Adam\n\n{header}\n\n{body}\n\n{NOTES}\n"

@@ -1,0 +1,92 @@
+"""plot_curves.py on run directories with known metrics built here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import plot_curves
+from adacov.report import build_table, load_runs, moving_average
+
+STEPS_PER_EPOCH = 20
+
+
+def make_run(root, optimizer, kernel, seed, step_time, epochs=2, loss_offset=0.0, data="synthetic"):
+    run = root / f"{optimizer}_k{kernel}_seed{seed}"
+    run.mkdir(parents=True)
+    steps = np.arange(1, STEPS_PER_EPOCH * epochs + 1)
+    times = np.full(len(steps), step_time)
+    times[:10] = 10 * step_time  # warm-up steps, to be excluded
+    pd.DataFrame({"step": steps, "epoch": steps / STEPS_PER_EPOCH, "loss": 4.0 / steps + loss_offset, "step_time_s": times}).to_csv(
+        run / "metrics.csv", index=False
+    )
+    pd.DataFrame(
+        {"epoch": [1, 2], "step": [20, 40], "test_loss": [3.0, 2.0], "test_acc": [0.1, 0.2], "epoch_time_s": [1.0, 2.0],
+         "peak_mem_mb": [100.0, 120.0], "optimizer_state_mb": [5.0, 5.0]}
+    ).to_csv(run / "epochs.csv", index=False)
+    info = {"optimizer": optimizer, "kernel_size": kernel, "seed": seed, "data": data, "batch_size": 128,
+            "epochs": epochs, "steps_per_epoch": STEPS_PER_EPOCH, "device_name": "CPU (2 threads)"}
+    (run / "environment.json").write_text(json.dumps(info))
+    return run
+
+
+def test_moving_average_by_hand():
+    values = pd.Series([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0])
+    smoothed = moving_average(values, 10)
+    assert smoothed.iloc[0] == 1.0 and smoothed.iloc[1] == 1.5
+    assert smoothed.iloc[9] == pytest.approx(5.5)  # mean of 1..10
+    assert smoothed.iloc[11] == pytest.approx(7.5)  # mean of 3..12
+
+
+def test_table_percent_increase_by_hand(tmp_path):
+    for seed, (adam, adacov) in enumerate([(0.100, 0.130), (0.100, 0.150)]):
+        make_run(tmp_path, "adam", 3, seed, adam)
+        make_run(tmp_path, "adacov", 3, seed, adacov)
+    make_run(tmp_path, "adam", 5, 0, 0.200)
+    make_run(tmp_path, "adacov", 5, 0, 0.540)
+    table = build_table(load_runs(tmp_path)).set_index(["kernel", "optimizer"])
+    row = table.loc[("3x3", "AdaCov")]
+    assert row["increase over Adam (%)"] == pytest.approx(40.0)  # mean of +30 % and +50 %
+    assert row["spread (std, %)"] == pytest.approx(np.std([30.0, 50.0], ddof=1))
+    assert row["step time (ms)"] == pytest.approx(140.0)  # median over runs of per-run medians
+    assert table.loc[("5x5", "AdaCov"), "increase over Adam (%)"] == pytest.approx(170.0)
+    assert table.loc[("5x5", "AdaCov"), "paper"] == "+169 %"
+    assert table.loc[("3x3", "Adam"), "increase over Adam (%)"] == pytest.approx(0.0)
+    assert row["epoch time (s)"] == 2.0 and row["peak memory (MB)"] == 120.0
+
+
+def test_outputs_are_written(tmp_path, capsys):
+    runs = tmp_path / "multirun"
+    for optimizer in ("adam", "adacov"):
+        for kernel in (3, 5):
+            make_run(runs, optimizer, kernel, 0, 0.1 if optimizer == "adam" else 0.2)
+    out = tmp_path / "out"
+    assert plot_curves.main([str(runs), "--out", str(out)]) == 0
+    for name in ("figure1.png", "figure1.pdf", "figure1_walltime.png", "table1.md", "table1.csv"):
+        assert (out / name).stat().st_size > 0
+    markdown = (out / "table1.md").read_text()
+    assert "| 3x3" in markdown and "| 5x5" in markdown and "How it was measured" in markdown
+    assert len(pd.read_csv(out / "table1.csv")) == 4
+
+
+def test_missing_runs_dir_is_a_clean_error(tmp_path, capsys):
+    assert plot_curves.main([str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert plot_curves.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert "no runs below" in capsys.readouterr().err
+
+
+def test_truncated_metrics_and_mismatched_settings_warn_but_plot(tmp_path, capsys):
+    make_run(tmp_path, "adam", 3, 0, 0.1)
+    run = make_run(tmp_path, "adacov", 3, 0, 0.2, data="digits")
+    with open(run / "metrics.csv", "a") as f:
+        f.write("41,2.05,0.1")  # a torn last row
+    with pytest.warns(UserWarning) as record:
+        assert plot_curves.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    messages = " ".join(str(w.message) for w in record)
+    assert "incomplete rows" in messages and "runs differ in data" in messages
+    assert "runs differ in data" in (tmp_path / "out" / "table1.md").read_text()
