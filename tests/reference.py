@@ -15,7 +15,8 @@ class ReferenceAdaCov:
 
     def __init__(self, shapes, lr, betas=(0.9, 0.999), eps=1e-8, cov_eps=1e-5, offdiag_warmup=390.0, weight_decay=0.0):
         self.lr, (self.b1, self.b2), self.eps, self.cov_eps = lr, betas, eps, cov_eps
-        self.warmup, self.wd, self.t = offdiag_warmup, weight_decay, 0
+        self.offdiag_warmup = offdiag_warmup
+        self.wd, self.t = weight_decay, 0
         self.m = [np.zeros(s) for s in shapes]
         self.second = []
         for s in shapes:
@@ -26,7 +27,7 @@ class ReferenceAdaCov:
         """Return the updated parameters (new arrays)."""
         self.t += 1
         t, b1, b2 = self.t, self.b1, self.b2
-        s = 1.0 - 10.0 ** (-t / self.warmup)
+        s = 1.0 - 10.0 ** (-t / self.offdiag_warmup)
         out = []
         for i, (theta, g) in enumerate(zip(params, grads)):
             self.m[i] = b1 * self.m[i] + (1 - b1) * g
@@ -119,4 +120,43 @@ class ReferenceMBF:
                 out[w] = out[w] - self.lr * D[:, : params[w].shape[1]]
                 if len(idx) > 1:
                     out[idx[1]] = out[idx[1]] - self.lr * D[:, -1]
+        return out
+
+
+class ReferenceFastAdaCov(ReferenceAdaCov):
+    """AdaCov's cached-basis rule: Q from ``eigh(C_s)`` on refresh steps (every step up to
+    ``warmup``, then every ``every`` steps); in between, the Rayleigh quotients ``diag(Q^T C_s Q)``
+    of the current ``C_s``, computed here directly from the full matrices."""
+
+    def __init__(self, shapes, every, warmup, **kw):
+        super().__init__(shapes, **kw)
+        self.every, self.refresh_warmup, self.Q = every, warmup, {}
+
+    def step(self, params, grads):
+        self.t += 1
+        t, b1, b2 = self.t, self.b1, self.b2
+        s = 1.0 - 10.0 ** (-t / self.offdiag_warmup)
+        refresh = t <= self.refresh_warmup or (t - self.refresh_warmup - 1) % self.every == 0
+        out = []
+        for i, (theta, g) in enumerate(zip(params, grads)):
+            self.m[i] = b1 * self.m[i] + (1 - b1) * g
+            m_hat = self.m[i] / (1 - b1**t)
+            if theta.ndim < 3 or np.prod(theta.shape[2:]) == 1:
+                eps = self.cov_eps if theta.ndim >= 3 else self.eps
+                self.second[i] = b2 * self.second[i] + (1 - b2) * g * g
+                update = m_hat / np.sqrt(self.second[i] / (1 - b2**t) + eps**2)
+            else:
+                update = np.zeros_like(theta)
+                for o in range(theta.shape[0]):
+                    for j in range(theta.shape[1]):
+                        gv = g[o, j].reshape(-1)
+                        C = self.second[i][o, j] = b2 * self.second[i][o, j] + (1 - b2) * np.outer(gv, gv)
+                        C_s = s * C + (1 - s) * np.diag(np.diag(C))
+                        if refresh:
+                            self.Q[i, o, j] = np.linalg.eigh(C_s)[1]
+                        Q = self.Q[i, o, j]
+                        lam = np.einsum("ki,kl,li->i", Q, C_s, Q) / (1 - b2**t)
+                        y = (Q.T @ m_hat[o, j].reshape(-1)) / np.sqrt(np.maximum(lam, 0) + self.cov_eps**2)
+                        update[o, j] = (Q @ y).reshape(theta.shape[2:])
+            out.append(theta * (1 - self.lr * self.wd) - self.lr * update)
         return out

@@ -29,3 +29,9 @@ def test_adacov_rejects(name, value):
 def test_adacov_rejects_bad_param_group_override():
     with pytest.raises(ValueError, match="Invalid cov_eps: 0"):
         AdaCov([{"params": [torch.zeros(2, requires_grad=True)], "cov_eps": 0}])
+
+
+@pytest.mark.parametrize(("name", "value"), [("basis_refresh_every", 0), ("basis_refresh_every", 2.5), ("basis_refresh_warmup", -1)])
+def test_adacov_rejects_bad_refresh_settings(name, value):
+    with pytest.raises(ValueError, match=re.escape(f"Invalid {name}: {value}")):
+        AdaCov([torch.zeros(2, requires_grad=True)], **{name: value})

@@ -12,14 +12,17 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from adacov.optim.matrix_functions import apply_inverse_root, blend_offdiagonal, symmetric_eigh
-from adacov.optim.validation import check_betas, check_nonnegative, check_positive
+from adacov.optim.validation import check_betas, check_nonnegative, check_nonnegative_int, check_positive, check_positive_int
 
-__all__ = ["AdaCov", "STEP", "EXP_AVG", "EXP_AVG_SQ", "EXP_COV", "uses_covariance"]
+__all__ = ["AdaCov", "STEP", "EXP_AVG", "EXP_AVG_SQ", "EXP_COV", "BASIS", "BASIS_EIG_COV", "BASIS_EIG_DIAG", "uses_covariance"]
 
 STEP = "step"
 EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
 EXP_COV = "exp_cov"
+BASIS = "basis"  # fast mode: Q of the last eigendecomposition, [O*I, d, d]
+BASIS_EIG_COV = "basis_eig_cov"  # fast mode: diag(Q^T C Q), tracked every step, [O*I, d]
+BASIS_EIG_DIAG = "basis_eig_diag"  # fast mode: diag(Q^T diag(C) Q), tracked every step, [O*I, d]
 
 
 def uses_covariance(p: Tensor) -> bool:
@@ -54,6 +57,15 @@ class AdaCov(torch.optim.Optimizer):
     ``cov_eps`` in place of ``eps``, which is what the block rule reduces to. Weight decay is
     decoupled (AdamW): ``theta <- theta * (1 - lr * weight_decay)`` before the update.
 
+    Fast mode (``basis_refresh_every = T > 1``): the eigenbasis ``Q`` of ``C_s`` is recomputed only
+    every ``T`` steps (and every step during the first ``basis_refresh_warmup`` steps). In between,
+    the step uses the cached ``Q`` with the exact Rayleigh quotients of the current ``C_s`` in it,
+    ``lambda = diag(Q^T C_s Q) = s(t) diag(Q^T C Q) + (1 - s(t)) (Q o Q)^T diag(C)``, both terms tracked
+    by their exact recursions ``lambda_C <- beta2 lambda_C + (1 - beta2) (Q^T g)^2`` and
+    ``lambda_D <- beta2 lambda_D + (1 - beta2) (Q o Q)^T g^2`` (SOAP / EKFAC style), and applies
+    ``Q ((Q^T m_hat) / sqrt(lambda / (1 - beta2^t) + cov_eps^2))``. On a refresh step it equals the
+    exact step; ``T = 1`` is the exact algorithm, bit for bit.
+
     The inverse root is applied as ``Q diag((w / (1 - beta2^t) + cov_eps^2)^-1/2) Q^T m_hat`` from
     one batched eigendecomposition ``C_s = Q diag(w) Q^T`` per kernel size, over all tensors at once;
     eigenvalues are clamped at 0 before the root.
@@ -67,9 +79,14 @@ class AdaCov(torch.optim.Optimizer):
         offdiag_warmup: time constant, in steps, of ``s(t)`` (default 390, about one CIFAR epoch at
             batch 128).
         weight_decay: decoupled weight decay (default 0).
+        basis_refresh_every: steps between eigendecompositions (default 1: the exact algorithm).
+        basis_refresh_warmup: steps at the start that always refresh (default 390, one CIFAR epoch at
+            batch 128: while ``s(t)`` rises from 0 to 0.9 and the average holds few gradients, the
+            covariance and its basis change fastest; this is 1/20 of the paper's training).
 
     State per tensor: ``step``; ``exp_avg`` (m, shaped as the tensor); ``exp_cov`` (``[O*I, d, d]``)
-    for kernel blocks or ``exp_avg_sq`` (v) otherwise.
+    for kernel blocks or ``exp_avg_sq`` (v) otherwise; in fast mode also ``basis``,
+    ``basis_eig_cov`` and ``basis_eig_diag``.
     """
 
     def __init__(
@@ -81,6 +98,8 @@ class AdaCov(torch.optim.Optimizer):
         cov_eps: float = 1e-5,
         offdiag_warmup: float = 390.0,
         weight_decay: float = 0.0,
+        basis_refresh_every: int = 1,
+        basis_refresh_warmup: int = 390,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -89,10 +108,13 @@ class AdaCov(torch.optim.Optimizer):
             cov_eps=cov_eps,
             offdiag_warmup=offdiag_warmup,
             weight_decay=weight_decay,
+            basis_refresh_every=basis_refresh_every,
+            basis_refresh_warmup=basis_refresh_warmup,
         )
         _validate(defaults)
         super().__init__(params, defaults)
         self._workspace = EighWorkspace()
+        self._basis_cache = BasisCache()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -127,7 +149,14 @@ class AdaCov(torch.optim.Optimizer):
             if diagonal:
                 _diagonal_step(group, diagonal)
         for jobs in blocks_by_size.values():
-            _covariance_step(jobs, self._workspace)
+            refresh, cached = [], []
+            for job in jobs:
+                (refresh if _refresh_due(job[2], job[3]) else cached).append(job)
+            _update_moments(jobs)
+            if refresh:
+                _refresh_step(refresh, self._workspace, self._basis_cache)
+            for job in cached:
+                _cached_basis_step(*job, self._basis_cache)
         return loss
 
 
@@ -138,6 +167,8 @@ def _validate(h: dict[str, Any]) -> None:
     check_positive("cov_eps", h["cov_eps"])
     check_positive("offdiag_warmup", h["offdiag_warmup"])
     check_nonnegative("weight_decay", h["weight_decay"])
+    check_positive_int("basis_refresh_every", h["basis_refresh_every"])
+    check_nonnegative_int("basis_refresh_warmup", h["basis_refresh_warmup"])
 
 
 def _init_state(p: Tensor, state: dict[str, Tensor]) -> None:
@@ -187,31 +218,112 @@ class EighWorkspace:
         return self._buffers[key]
 
 
-def _covariance_step(jobs: list[tuple[Tensor, Tensor, dict, dict]], workspace: EighWorkspace) -> None:
-    """Kernel-block update for tensors sharing one block size ``d``: one batched ``eigh`` for all."""
-    d = jobs[0][2][EXP_COV].shape[-1]
+class BasisCache:
+    """``Q^T`` and ``Q o Q`` of each tensor's cached basis: derived from state, never saved.
+
+    Both make the per-step products row-vector times matrix, the fast form on CPU (31,840 5x5 blocks:
+    3.4 ms for ``x^T Q`` against 12 ms for ``Q x``). Rebuilt from ``state["basis"]`` when missing,
+    e.g. after ``load_state_dict``.
+    """
+
+    def __init__(self) -> None:
+        self._derived: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def refresh(self, p: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+        self._derived[id(p)] = (Q, Q.mT.contiguous(), Q.square())
+        return self._derived[id(p)][1:]
+
+    def get(self, p: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+        cached = self._derived.get(id(p))
+        if cached is None or cached[0] is not Q:
+            return self.refresh(p, Q)
+        return cached[1:]
+
+
+def _refresh_due(state: dict, group: dict) -> bool:
+    """Exact path (T = 1), no basis yet, the warm-up, or every T-th step after it."""
+    every = group["basis_refresh_every"]
+    if every == 1 or BASIS not in state:
+        return True
+    t, warmup = int(state[STEP].item()), group["basis_refresh_warmup"]
+    return t <= warmup or (t - warmup - 1) % every == 0
+
+
+def _update_moments(jobs: list[tuple[Tensor, Tensor, dict, dict]]) -> None:
+    """``m <- beta1 m + (1 - beta1) g`` and ``C <- beta2 C + (1 - beta2) g g^T`` for every kernel block."""
     with record_function("adacov::covariance_update"):
-        for p, grad, state, group in jobs:
+        for _, grad, state, group in jobs:
             beta1, beta2 = group["betas"]
             state[EXP_AVG].lerp_(grad, 1.0 - beta1)
-            g = grad.reshape(-1, d)
+            g = grad.reshape(-1, state[EXP_COV].shape[-1])
             # In place: C <- beta2 C + (1 - beta2) g g^T, broadcast without an outer-product temporary.
             state[EXP_COV].mul_(beta2).addcmul_(g.unsqueeze(-1), g.unsqueeze(-2), value=1.0 - beta2)
-        sizes = [state[EXP_COV].shape[0] for _, _, state, _ in jobs]
-        stacked, w, Q = workspace.get(sum(sizes), d, like=jobs[0][2][EXP_COV])
-        for (_, _, state, group), block in zip(jobs, stacked.split(sizes)):
-            s = offdiagonal_scale(int(state[STEP].item()), group["offdiag_warmup"])
-            blend_offdiagonal(state[EXP_COV], s, out=block)
+
+
+def _refresh_step(jobs: list[tuple[Tensor, Tensor, dict, dict]], workspace: EighWorkspace, cache: BasisCache) -> None:
+    """The exact step for tensors sharing one block size ``d``: one batched ``eigh`` for all of them.
+
+    Tensors in fast mode also keep the new basis and the Rayleigh quotients that it starts from.
+    """
+    d = jobs[0][2][EXP_COV].shape[-1]
+    sizes = [state[EXP_COV].shape[0] for _, _, state, _ in jobs]
+    stacked, w, Q = workspace.get(sum(sizes), d, like=jobs[0][2][EXP_COV])
+    for (_, _, state, group), block in zip(jobs, stacked.split(sizes)):
+        blend_offdiagonal(state[EXP_COV], _scale(state, group), out=block)
     with record_function("adacov::eigh"):
         symmetric_eigh(stacked, out=(w, Q))
     with record_function("adacov::apply_inverse_root"):
         for (p, _, state, group), w_p, Q_p in zip(jobs, w.split(sizes), Q.split(sizes)):
             t = int(state[STEP].item())
-            beta1, beta2 = group["betas"]
-            lr, wd = group["lr"], group["weight_decay"]
             direction = apply_inverse_root(
-                Q_p, w_p, state[EXP_AVG].view(-1, d), shift=group["cov_eps"] ** 2, scale=1.0 / (1.0 - beta2**t)
+                Q_p, w_p, state[EXP_AVG].view(-1, d), shift=group["cov_eps"] ** 2, scale=1.0 / (1.0 - group["betas"][1] ** t)
             )
-            if wd != 0:
-                p.mul_(1.0 - lr * wd)
-            p.add_(direction.view(p.shape), alpha=-lr / (1.0 - beta1**t))
+            _apply(p, direction, t, group)
+            if group["basis_refresh_every"] > 1:
+                _store_basis(p, state, Q_p, cache)
+
+
+def _store_basis(p: Tensor, state: dict, Q: Tensor, cache: BasisCache) -> None:
+    """Keep ``Q`` with ``lambda_C = diag(Q^T C Q)`` and ``lambda_D = (Q o Q)^T diag(C)``."""
+    C = state[EXP_COV]
+    if BASIS not in state:
+        state[BASIS] = torch.empty_like(Q)
+        state[BASIS_EIG_COV] = Q.new_empty(Q.shape[:-1])
+        state[BASIS_EIG_DIAG] = Q.new_empty(Q.shape[:-1])
+    state[BASIS].copy_(Q)
+    torch.sum(torch.bmm(C, Q).mul_(Q), dim=-2, out=state[BASIS_EIG_COV])
+    _, Q_sq = cache.refresh(p, state[BASIS])
+    torch.bmm(C.diagonal(dim1=-2, dim2=-1).unsqueeze(1), Q_sq, out=state[BASIS_EIG_DIAG].unsqueeze(1))
+
+
+def _cached_basis_step(p: Tensor, grad: Tensor, state: dict, group: dict, cache: BasisCache) -> None:
+    """Fast-mode step in the cached basis: track ``lambda_C``, ``lambda_D`` and precondition with them."""
+    with record_function("adacov::cached_basis_step"):
+        Q = state[BASIS]
+        d = Q.shape[-1]
+        beta2 = group["betas"][1]
+        Q_t, Q_sq = cache.get(p, Q)
+        g = grad.reshape(-1, d)
+        rotated = torch.bmm(torch.stack([g, state[EXP_AVG].view(-1, d)], 1), Q)  # rows g^T Q and m^T Q
+        g_rot, m_rot = rotated.unbind(1)
+        state[BASIS_EIG_COV].mul_(beta2).addcmul_(g_rot, g_rot, value=1.0 - beta2)
+        g_sq_rot = torch.bmm(g.square().unsqueeze(1), Q_sq).squeeze(1)
+        state[BASIS_EIG_DIAG].mul_(beta2).add_(g_sq_rot, alpha=1.0 - beta2)
+        s = _scale(state, group)
+        t = int(state[STEP].item())
+        eig = torch.lerp(state[BASIS_EIG_DIAG], state[BASIS_EIG_COV], s)  # s lambda_C + (1 - s) lambda_D
+        root = eig.clamp_min_(0.0).div_(1.0 - beta2**t).add_(group["cov_eps"] ** 2).rsqrt_()
+        direction = torch.bmm(m_rot.mul_(root).unsqueeze(1), Q_t).squeeze(1)  # (Q y)^T = y^T Q^T
+        _apply(p, direction, t, group)
+
+
+def _scale(state: dict, group: dict) -> float:
+    return offdiagonal_scale(int(state[STEP].item()), group["offdiag_warmup"])
+
+
+def _apply(p: Tensor, direction: Tensor, t: int, group: dict) -> None:
+    """``theta <- theta (1 - lr wd) - lr / (1 - beta1^t) * direction``."""
+    lr, wd = group["lr"], group["weight_decay"]
+    if wd != 0:
+        p.mul_(1.0 - lr * wd)
+    p.add_(direction.view(p.shape), alpha=-lr / (1.0 - group["betas"][0] ** t))

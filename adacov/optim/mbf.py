@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from adacov.optim.matrix_functions import cholesky_damped
-from adacov.optim.validation import check_betas, check_nonnegative, check_positive, check_positive_int
+from adacov.optim.validation import check_betas, check_nonnegative, check_nonnegative_int, check_positive, check_positive_int
 
 __all__ = ["MBF", "mbf_param_groups", "CONV", "ROWS", "SHARED_ROWS", "ADAM"]
 
@@ -269,8 +269,7 @@ def _validate(h: dict[str, Any]) -> None:
     check_nonnegative("weight_decay", h["weight_decay"])
     check_positive_int("curvature_every", h["curvature_every"])
     check_positive_int("inverse_every", h["inverse_every"])
-    if isinstance(h["warm_start_batches"], bool) or not isinstance(h["warm_start_batches"], int) or h["warm_start_batches"] < 0:
-        raise ValueError(f"Invalid warm_start_batches: {h['warm_start_batches']!r} (must be an integer >= 0)")
+    check_nonnegative_int("warm_start_batches", h["warm_start_batches"])
 
 
 def _init_state(p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:

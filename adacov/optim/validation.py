@@ -23,6 +23,12 @@ def check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
 
 
+def check_nonnegative_int(name: str, value: int) -> None:
+    """Reject anything but an integer ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 0)")
+
+
 def check_betas(betas: Sequence[float]) -> None:
     """Reject betas that are not two numbers in [0, 1)."""
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
