@@ -29,7 +29,7 @@ test: install ## run the test suite on CPU
 test-gpu: install ## run the GPU-marked tests (needs CUDA)
 	$(PY) -m pytest -m gpu
 
-bench: install ## AdaCov vs Adam step time on the 6-conv net -> results/optimizer_step_cpu.md
+bench: install ## step time of AdaCov (exact, fast) and MBF vs Adam -> results/optimizer_step_cpu.md
 	$(PY) benchmarks/optimizer_step.py --out results/optimizer_step_cpu.md
 
 data: install ## download and verify CIFAR-100 into data/ (stops with a message where it cannot)

@@ -230,8 +230,14 @@ class BasisCache:
         self._derived: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def refresh(self, p: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
-        self._derived[id(p)] = (Q, Q.mT.contiguous(), Q.square())
-        return self._derived[id(p)][1:]
+        old = self._derived.get(id(p))
+        if old is None or old[1].shape != Q.shape:
+            old = (Q, torch.empty_like(Q), torch.empty_like(Q))
+        _, Q_t, Q_sq = old
+        Q_t.copy_(Q.mT)
+        torch.mul(Q, Q, out=Q_sq)
+        self._derived[id(p)] = (Q, Q_t, Q_sq)
+        return Q_t, Q_sq
 
     def get(self, p: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
         cached = self._derived.get(id(p))
@@ -293,7 +299,8 @@ def _store_basis(p: Tensor, state: dict, Q: Tensor, cache: BasisCache) -> None:
     state[BASIS].copy_(Q)
     torch.sum(torch.bmm(C, Q).mul_(Q), dim=-2, out=state[BASIS_EIG_COV])
     _, Q_sq = cache.refresh(p, state[BASIS])
-    torch.bmm(C.diagonal(dim1=-2, dim2=-1).unsqueeze(1), Q_sq, out=state[BASIS_EIG_DIAG].unsqueeze(1))
+    diagonal = C.diagonal(dim1=-2, dim2=-1).contiguous()  # a strided operand sends bmm down a per-block path
+    state[BASIS_EIG_DIAG].copy_(torch.bmm(diagonal.unsqueeze(1), Q_sq).squeeze(1))
 
 
 def _cached_basis_step(p: Tensor, grad: Tensor, state: dict, group: dict, cache: BasisCache) -> None:
