@@ -1,0 +1,8 @@
+"""Datasets as device-resident uint8 tensors: CIFAR-100, CIFAR-shaped synthetic data, digits."""
+
+from adacov.data.cifar100 import load_cifar100
+from adacov.data.digits import load_digits
+from adacov.data.image_data import ImageData, random_crop_flip
+from adacov.data.synthetic import make_synthetic
+
+__all__ = ["ImageData", "load_cifar100", "load_digits", "make_synthetic", "random_crop_flip"]
