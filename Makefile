@@ -33,7 +33,7 @@ bench: install ## step time of AdaCov (exact, fast) and MBF vs Adam -> results/o
 	$(PY) benchmarks/optimizer_step.py --out results/optimizer_step_cpu.md
 
 data: install ## download and verify CIFAR-100 into data/ (stops with a message where it cannot)
-	$(PY) -m adacov.data.cifar100 --root data
+	$(PY) -m adacov.data.prepare --root data
 
 demo: install ## offline CPU demo on scikit-learn digits -> results/demo/figure1.png, table1.md
 	rm -rf results/demo/runs
@@ -41,6 +41,6 @@ demo: install ## offline CPU demo on scikit-learn digits -> results/demo/figure1
 	$(PY) plot_curves.py results/demo/runs --out results/demo
 
 reproduce: install ## the paper's sweep (18 runs) and its Figure 1 / Table 1 -> $(OUT)
-	$(if $(filter cifar100,$(DATA)),$(PY) -m adacov.data.cifar100 --root data,)
+	$(if $(filter cifar100,$(DATA)),$(PY) -m adacov.data.prepare --root data,)
 	$(PY) train.py -m experiment=paper data=$(DATA) epochs=$(EPOCHS)
 	$(PY) plot_curves.py runs/paper/$(DATA) --out $(OUT)

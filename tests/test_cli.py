@@ -71,3 +71,21 @@ def test_sigkill_after_first_epoch_then_resume_logs_the_uninterrupted_steps(tmp_
     assert resumed.returncode == 0, resumed.stderr
     a, b = pd.read_csv(tmp_path / "full" / "metrics.csv"), pd.read_csv(run_dir / "metrics.csv")
     pd.testing.assert_frame_equal(a[["step", "epoch", "loss"]], b[["step", "epoch", "loss"]])
+
+
+def test_paper_experiment_sweep_feeds_plot_curves(tmp_path):
+    """The committed paper sweep, shrunk: 3 optimizers x 2 kernel sizes (one seed), then Figure 1 / Table 1."""
+    import plot_curves
+
+    result = run_cli(
+        ["-m", "experiment=paper", *SMALL, "data.train_size=64", "epochs=1", "seed=0"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    sweep = tmp_path / "runs" / "paper" / "synthetic"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [
+        f"{o}_k{k}_seed0" for o in ("adacov", "adam", "mbf") for k in (3, 5)
+    ]
+    assert plot_curves.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    table = pd.read_csv(tmp_path / "out" / "table1.csv")
+    assert sorted(table.kernel.unique()) == ["3x3", "5x5"] and set(table.optimizer) == {"Adam", "AdaCov", "MBF"}

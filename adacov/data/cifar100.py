@@ -116,24 +116,3 @@ def _read_images(path: Path) -> torch.Tensor:
 def _read_labels(path: Path) -> torch.Tensor:
     return torch.tensor(_unpickle(path)["fine_labels"], dtype=torch.int64)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m adacov.data.cifar100 --root data``: fetch and verify CIFAR-100 before a sweep."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description="Download, verify and extract CIFAR-100.")
-    parser.add_argument("--root", default="data")
-    parser.add_argument("--no-download", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        data = load_cifar100(args.root, download=not args.no_download)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"CIFAR-100 ready in {Path(args.root).resolve() / FOLDER}: {len(data.train_y)} train, {len(data.test_y)} test images")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
