@@ -56,3 +56,36 @@ def run_side_by_side(net: nn.Module, make_optimizer, reference, n_steps: int):
             for p, new in zip(ref_net.parameters(), reference.step(params, grads)):
                 p.copy_(torch.from_numpy(np.asarray(new)))
     return [p.detach().numpy().copy() for p in net.parameters()], [p.detach().numpy().copy() for p in ref_net.parameters()]
+
+
+def assert_resume_is_bit_identical(make_optimizer, n_before: int, n_after: int) -> torch.optim.Optimizer:
+    """Train ``n_before`` steps, save model and optimizer, go on for ``n_after`` steps; a fresh model and
+    optimizer loaded from the save (its constructor given other hyperparameters) must end bit-identical.
+    Returns the resumed optimizer."""
+    import io
+
+    net = small_convnet(torch.float32)
+    data = batches(n_before + n_after, dtype=torch.float32)
+    optimizer = make_optimizer(net)
+    for x, y in data[:n_before]:
+        loss_and_backward(net, x, y)
+        optimizer.step()
+    saved = io.BytesIO()
+    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, saved)
+    for x, y in data[n_before:]:
+        loss_and_backward(net, x, y)
+        optimizer.step()
+    saved.seek(0)
+    checkpoint = torch.load(saved)
+    resumed = small_convnet(torch.float32, seed=123)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = make_optimizer(resumed)
+    for group in resumed_opt.param_groups:
+        group["lr"] = 123.0  # overwritten by the checkpoint
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    for x, y in data[n_before:]:
+        loss_and_backward(resumed, x, y)
+        resumed_opt.step()
+    for a, b in zip(net.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    return resumed_opt

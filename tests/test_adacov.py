@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from torch import nn
 
 from adacov import AdaCov
 from adacov.optim.adacov import EXP_AVG_SQ, EXP_COV
-from tests.helpers import batches, loss_and_backward, run_side_by_side, small_convnet
+from tests.helpers import assert_resume_is_bit_identical, batches, loss_and_backward, run_side_by_side, small_convnet
 from tests.reference import ReferenceAdaCov, relative_difference
 
 
@@ -139,29 +138,7 @@ def test_float32_follows_float64():
 
 
 def test_state_dict_resume_is_bit_identical():
-    net = small_convnet(torch.float32)
-    data = batches(12, dtype=torch.float32)
-    optimizer = AdaCov(net.parameters(), lr=1e-2, offdiag_warmup=5.0, weight_decay=0.01)
-    for x, y in data[:5]:
-        loss_and_backward(net, x, y)
-        optimizer.step()
-    saved = io.BytesIO()
-    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, saved)
-    for x, y in data[5:]:
-        loss_and_backward(net, x, y)
-        optimizer.step()
-
-    saved.seek(0)
-    checkpoint = torch.load(saved)
-    resumed = small_convnet(torch.float32, seed=123)
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_opt = AdaCov(resumed.parameters(), lr=1.0)
-    resumed_opt.load_state_dict(checkpoint["optimizer"])
-    for x, y in data[5:]:
-        loss_and_backward(resumed, x, y)
-        resumed_opt.step()
-    for a, b in zip(net.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    assert_resume_is_bit_identical(lambda n: AdaCov(n.parameters(), lr=1e-2, offdiag_warmup=5.0, weight_decay=0.01), 5, 7)
 
 
 def test_params_without_gradients_are_left_alone():

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 
 from adacov import AdaCov
 from adacov.optim import adacov as adacov_module
-from tests.helpers import batches, loss_and_backward, run_side_by_side, small_convnet
+from tests.helpers import assert_resume_is_bit_identical, batches, loss_and_backward, run_side_by_side, small_convnet
 from tests.reference import ReferenceFastAdaCov, relative_difference
 
 
@@ -71,25 +70,5 @@ def test_refresh_schedule(monkeypatch):
 
 def test_state_dict_round_trip_in_fast_mode_is_bit_identical():
     kw = dict(lr=1e-2, offdiag_warmup=5.0, basis_refresh_every=4, basis_refresh_warmup=2)
-    net = small_convnet(torch.float32)
-    data = batches(16, dtype=torch.float32)
-    optimizer = AdaCov(net.parameters(), **kw)
-    for x, y in data[:7]:
-        loss_and_backward(net, x, y)
-        optimizer.step()
-    saved = io.BytesIO()
-    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, saved)
-    for x, y in data[7:]:
-        loss_and_backward(net, x, y)
-        optimizer.step()
-    saved.seek(0)
-    checkpoint = torch.load(saved)
-    resumed = small_convnet(torch.float32, seed=3)
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_opt = AdaCov(resumed.parameters())
-    resumed_opt.load_state_dict(checkpoint["optimizer"])
-    for x, y in data[7:]:
-        loss_and_backward(resumed, x, y)
-        resumed_opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), resumed.parameters()))
-    assert "basis" in resumed_opt.state[resumed[0].weight]
+    resumed = assert_resume_is_bit_identical(lambda n: AdaCov(n.parameters(), **kw), 7, 9)
+    assert any("basis" in state for state in resumed.state.values())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 import warnings
 
@@ -13,7 +12,7 @@ from torch import nn
 
 from adacov import MBF, mbf_param_groups
 from adacov.optim.mbf import ADAM, CONV, FISHER, ROWS, SHARED_ROWS
-from tests.helpers import batches, loss_and_backward, run_side_by_side, small_convnet
+from tests.helpers import assert_resume_is_bit_identical, batches, loss_and_backward, run_side_by_side, small_convnet
 from tests.reference import ReferenceMBF, relative_difference
 
 
@@ -78,27 +77,7 @@ def test_warm_start_estimates_the_mean_curvature_without_moving():
 
 
 def test_state_dict_resume_is_bit_identical():
-    net = small_convnet(torch.float32)
-    data = batches(14, dtype=torch.float32)
-    optimizer = MBF(mbf_param_groups(net), lr=1e-3, inverse_every=4, weight_decay=0.1)
-    for x, y in data[:6]:
-        loss_and_backward(net, x, y)
-        optimizer.step()
-    saved = io.BytesIO()
-    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, saved)
-    for x, y in data[6:]:
-        loss_and_backward(net, x, y)
-        optimizer.step()
-    saved.seek(0)
-    checkpoint = torch.load(saved)
-    resumed = small_convnet(torch.float32, seed=7)
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_opt = MBF(mbf_param_groups(resumed))
-    resumed_opt.load_state_dict(checkpoint["optimizer"])
-    for x, y in data[6:]:
-        loss_and_backward(resumed, x, y)
-        resumed_opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), resumed.parameters()))
+    assert_resume_is_bit_identical(lambda n: MBF(mbf_param_groups(n), lr=1e-3, inverse_every=4, weight_decay=0.1), 6, 8)
 
 
 def test_float32_follows_float64():
