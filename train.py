@@ -12,8 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from adacov.cli import check_group_choices
-from adacov.errors import UserError
+from adacov.cli import check_group_choices, exit_on_user_error
 from adacov.training import train
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -21,17 +20,11 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    try:
+    with exit_on_user_error():
         return train(cfg)["train_loss"]
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_user_error():
         check_group_choices(sys.argv[1:], CONFIG_DIR)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     main()

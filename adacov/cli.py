@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from adacov.errors import UserError
@@ -24,3 +26,13 @@ def check_group_choices(argv: Sequence[str], config_dir: Path) -> None:
         for choice in value.split(","):
             if choice not in allowed:
                 raise UserError(f"{key}={choice} is not allowed: use one of {', '.join(allowed)}")
+
+
+@contextmanager
+def exit_on_user_error(status: int = 2) -> Iterator[None]:
+    """Turn a UserError into one ``error:`` line on stderr and exit ``status``, with no traceback."""
+    try:
+        yield
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(status) from None
