@@ -14,13 +14,13 @@ OUT ?= $(if $(filter cifar100,$(DATA)),results,results/$(DATA))
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## create .venv; install torch (pinned, first) and the project
+install: $(VENV)/.installed ## create .venv; install torch (pinned, first), the project and its Hydra launchers
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,launchers]"
 	@touch $@
 
 test: install ## run the test suite on CPU

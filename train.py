@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from adacov.cli import check_group_choices, exit_on_user_error
+from adacov.cli import check_group_choices, exit_on_run_error
 from adacov.training import train
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -20,11 +20,11 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    with exit_on_user_error():
+    with exit_on_run_error():
         return train(cfg)["train_loss"]
 
 
 if __name__ == "__main__":
-    with exit_on_user_error():
+    with exit_on_run_error():
         check_group_choices(sys.argv[1:], CONFIG_DIR)
     main()

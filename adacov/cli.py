@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from adacov.errors import UserError
+from adacov.errors import RunError, UserError
 
 
 def check_group_choices(argv: Sequence[str], config_dir: Path) -> None:
@@ -29,10 +29,10 @@ def check_group_choices(argv: Sequence[str], config_dir: Path) -> None:
 
 
 @contextmanager
-def exit_on_user_error(status: int = 2) -> Iterator[None]:
-    """Turn a UserError into one ``error:`` line on stderr and exit ``status``, with no traceback."""
+def exit_on_run_error() -> Iterator[None]:
+    """Turn a RunError into one ``error:`` line on stderr and exit with its status, with no traceback."""
     try:
         yield
-    except UserError as error:
+    except RunError as error:
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(status) from None
+        raise SystemExit(error.exit_status) from None

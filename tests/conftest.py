@@ -40,9 +40,9 @@ def small_config(tmp_path):
     return lambda *overrides: compose_config(tmp_path, [*SMALL, *overrides])
 
 
-def run_cli(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in ``cwd`` (runs land in ``cwd/runs``), W&B off unless overridden."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs
     )

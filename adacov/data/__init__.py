@@ -2,7 +2,7 @@
 
 from adacov.data.cifar100 import load_cifar100
 from adacov.data.digits import load_digits
-from adacov.data.image_data import ImageData, random_crop_flip
+from adacov.data.image_data import ImageData, crop_flip, draw_crop_flip
 from adacov.data.synthetic import make_synthetic
 
-__all__ = ["ImageData", "load_cifar100", "load_digits", "make_synthetic", "random_crop_flip"]
+__all__ = ["ImageData", "load_cifar100", "load_digits", "make_synthetic", "crop_flip", "draw_crop_flip"]

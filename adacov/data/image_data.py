@@ -48,36 +48,51 @@ class ImageData:
         """Full batches per epoch (the last partial batch is dropped, as 50,000 / 128 -> 390)."""
         return self.train_x.shape[0] // batch_size
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        """One epoch of shuffled (and, if enabled, augmented) uint8 batches, drawn from ``generator``."""
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator, skip: int = 0, shard: tuple[int, int] = (0, 1)
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch of shuffled (and, if enabled, augmented) uint8 batches, drawn from ``generator``.
+
+        Every global batch of ``batch_size`` is drawn whole, so the random stream does not depend on
+        ``skip`` or ``shard``. ``skip`` drops the epoch's first batches (a resumed epoch); ``shard =
+        (rank, world_size)`` yields rank's contiguous ``batch_size // world_size`` slice of each batch.
+        """
+        rank, world_size = shard
+        local = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         order = torch.randperm(self.train_x.shape[0], generator=generator, device=generator.device)
         for i in range(self.steps_per_epoch(batch_size)):
             index = order[i * batch_size : (i + 1) * batch_size]
-            x = self.train_x[index]
-            if self.augment:
-                x = random_crop_flip(x, self.crop_padding, generator)
-            yield x, self.train_y[index]
+            crops = draw_crop_flip(batch_size, self.crop_padding, generator) if self.augment else None
+            if i < skip:
+                continue
+            x = self.train_x[index[local]]
+            if crops is not None:
+                x = crop_flip(x, self.crop_padding, *(c[local] for c in crops))
+            yield x, self.train_y[index[local]]
 
-    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        for i in range(0, self.test_x.shape[0], batch_size):
-            yield self.test_x[i : i + batch_size], self.test_y[i : i + batch_size]
 
-
-def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """Random ``H x W`` crops of the zero-padded batch and random horizontal flips, all batched.
-
-    Args:
-        x: ``[N, C, H, W]`` images; padding: pixels of zeros added on each side before cropping.
-
-    Returns:
-        ``[N, C, H, W]``: sample ``n`` is ``pad(x)[n, :, dy_n : dy_n + H, dx_n : dx_n + W]``, mirrored
-        left-right with probability 1/2.
-    """
-    n, c, h, w = x.shape
-    device = x.device
+def draw_crop_flip(n: int, padding: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Random crop offsets ``dy, dx`` in ``[0, 2 * padding]`` and flip flags, each ``[n, 1]``."""
+    device = generator.device
     dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
     dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
     flip = torch.rand(n, 1, generator=generator, device=device) < 0.5
+    return dy, dx, flip
+
+
+def crop_flip(x: Tensor, padding: int, dy: Tensor, dx: Tensor, flip: Tensor) -> Tensor:
+    """``H x W`` crops of the zero-padded batch at offsets ``(dy, dx)``, mirrored where ``flip``, batched.
+
+    Args:
+        x: ``[N, C, H, W]`` images; padding: pixels of zeros added on each side before cropping;
+        dy, dx, flip: ``[N, 1]`` from :func:`draw_crop_flip`.
+
+    Returns:
+        ``[N, C, H, W]``: sample ``n`` is ``pad(x)[n, :, dy_n : dy_n + H, dx_n : dx_n + W]``, mirrored
+        left-right where ``flip_n``.
+    """
+    n, c, h, w = x.shape
+    device = x.device
     cols = torch.arange(w, device=device)
     cols = torch.where(flip, w - 1 - cols, cols) + dx
     rows = torch.arange(h, device=device) + dy
@@ -85,3 +100,4 @@ def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Ten
     batch = torch.arange(n, device=device)[:, None, None, None]
     channel = torch.arange(c, device=device)[None, :, None, None]
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+

@@ -142,13 +142,13 @@ class RunLogger:
             try:
                 self.wandb.finish()
             except Exception as error:  # noqa: BLE001 - W&B must never fail a finished run
-                warnings.warn(f"W&B finish failed ({error}); the local files in {self.run_dir} are complete")
+                warnings.warn(f"W&B finish failed ({one_line(error)}); the local files in {self.run_dir} are complete")
 
     def _wandb_log(self, values: dict[str, Any], step: int) -> None:
         try:
             self.wandb.log(values, step=step)
         except Exception as error:  # noqa: BLE001 - W&B must never stop training
-            warnings.warn(f"W&B logging stopped ({error}); training goes on, {self.run_dir} keeps the record")
+            warnings.warn(f"W&B logging stopped ({one_line(error)}); training goes on, {self.run_dir} keeps the record")
             self.wandb = None
 
 
@@ -173,7 +173,13 @@ def _start_wandb(run_dir: Path, run_info: dict[str, Any], settings: dict[str, An
             tags=list(settings.get("tags") or []),
             config={**run_info["config"], "run": {k: v for k, v in run_info.items() if k != "config"}},
             reinit="finish_previous",
+            settings=wandb.Settings(init_timeout=settings["init_timeout"]),
         )
     except Exception as error:  # noqa: BLE001 - any W&B failure falls back to the local files
-        warnings.warn(f"W&B could not start ({error}); training goes on, {run_dir} keeps the record")
+        warnings.warn(f"W&B could not start ({one_line(error)}); training goes on, {run_dir} keeps the record")
         return None
+
+
+def one_line(error: Exception) -> str:
+    """The error's message on one line (W&B's network errors span several)."""
+    return " ".join(str(error).split())

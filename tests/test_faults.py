@@ -1,0 +1,157 @@
+"""Faults a long run meets: SIGTERM / SIGINT (preemption, Ctrl-C), a non-finite loss, a failing W&B."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+
+from adacov.errors import NonFiniteLossError
+from adacov.training import train
+from adacov.training.checkpoint import CHECKPOINT
+from models.conv6 import ConvNet6
+from tests.conftest import ROOT, SMALL, run_cli
+
+LONG = [*SMALL, "data.train_size=1024", "optimizer=adacov", "epochs=3"]  # 32 steps per epoch
+
+
+def start_training(args: list[str], cwd) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_rows(path, rows: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) > rows:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not reach {rows} rows")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    result = run_cli([*LONG, f"hydra.run.dir={run_dir}"], cwd=run_dir)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_epoch_checkpoints_and_resume_gives_the_uninterrupted_losses(tmp_path, uninterrupted, signum):
+    run_dir = tmp_path / "run"
+    process = start_training([*LONG, f"hydra.run.dir={run_dir}"], tmp_path)
+    wait_for_rows(run_dir / "metrics.csv", 40, process)  # in epoch 2
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 128 + signum
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: {signal.Signals(signum).name} at step") and "resume=true" in lines[-1], stderr
+    position = torch.load(run_dir / CHECKPOINT, weights_only=False)["position"]
+    logged = pd.read_csv(run_dir / "metrics.csv")
+    assert position["step"] == 32 * position["epoch"] + position["batch"] and 40 <= position["step"] < 96
+    assert logged.step.tolist() == list(range(1, position["step"] + 1))  # flushed up to the checkpoint
+
+    resumed = run_cli([*LONG, f"hydra.run.dir={run_dir}", "resume=true"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    full, cut = pd.read_csv(uninterrupted / "metrics.csv"), pd.read_csv(run_dir / "metrics.csv")
+    pd.testing.assert_frame_equal(full[["step", "epoch", "loss"]], cut[["step", "epoch", "loss"]])
+    pd.testing.assert_frame_equal(pd.read_csv(uninterrupted / "epochs.csv")[["epoch", "train_loss", "test_loss"]],
+                                  pd.read_csv(run_dir / "epochs.csv")[["epoch", "train_loss", "test_loss"]])
+
+
+def test_sigkill_after_first_epoch_then_resume_logs_the_uninterrupted_steps(tmp_path, uninterrupted):
+    run_dir = tmp_path / "killed"
+    process = start_training([*LONG, f"hydra.run.dir={run_dir}"], tmp_path)
+    wait_for_rows(run_dir / "epochs.csv", 1, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 32 <= len(pd.read_csv(run_dir / "metrics.csv")) < 96  # killed in epoch 2 or 3
+
+    resumed = run_cli([*LONG, f"hydra.run.dir={run_dir}", "resume=true"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    full, cut = pd.read_csv(uninterrupted / "metrics.csv"), pd.read_csv(run_dir / "metrics.csv")
+    pd.testing.assert_frame_equal(full[["step", "epoch", "loss"]], cut[["step", "epoch", "loss"]])
+
+
+@pytest.fixture
+def nan_at_step_5(monkeypatch):
+    """Make the net's 5th training forward pass return NaN logits (an injected fault)."""
+    forward, calls = ConvNet6.forward, []
+
+    def poisoned(self, x):
+        logits = forward(self, x)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 5:
+                return logits * float("nan")
+        return logits
+
+    monkeypatch.setattr(ConvNet6, "forward", poisoned)
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_steps_before_it(small_config, tmp_path, nan_at_step_5):
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5: the run stopped; the 4 steps before it are logged"):
+        train(small_config("optimizer=adam", "epochs=1"))
+    assert pd.read_csv(tmp_path / "metrics.csv").step.tolist() == [1, 2, 3, 4]
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_nonfinite_loss_skip_leaves_the_weights_and_optimizer_untouched(small_config, tmp_path, nan_at_step_5):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the run itself must not warn: the skip is reported on stdout
+        last = train(small_config("optimizer=adam", "epochs=1", "nonfinite_loss=skip"))
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert metrics.step.tolist() == list(range(1, 9)) and metrics.loss.isna().tolist() == [False] * 4 + [True] + [False] * 3
+    assert last["train_loss"] == pytest.approx(metrics.loss.dropna().mean())
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)["optimizer"]["state"]
+    assert {int(s["step"]) for s in state.values()} == {7}  # 8 batches, one skipped
+    assert all(torch.isfinite(p).all() for p in torch.load(tmp_path / CHECKPOINT, weights_only=False)["model"].values())
+
+
+def test_diverging_run_exits_with_one_line(tmp_path):
+    result = run_cli([*SMALL, "optimizer=sgd", "optimizer.lr=1e12", "epochs=1", "wandb.mode=disabled"], cwd=tmp_path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: the training loss is nan at step"), result.stderr
+    assert "nonfinite_loss=skip" in errors[0] and "Traceback" not in result.stderr
+    assert len(pd.read_csv(next(tmp_path.rglob("metrics.csv")))) >= 1
+
+
+def test_wandb_that_cannot_write_its_dir_only_warns(small_config, tmp_path):
+    (tmp_path / "wandb").write_text("a file where W&B wants its directory")
+    with pytest.warns(UserWarning, match="W&B could not start.*training goes on"):
+        train(small_config("epochs=1", "wandb.mode=offline"))
+    assert len(pd.read_csv(tmp_path / "metrics.csv")) == 8 and len(pd.read_csv(tmp_path / "epochs.csv")) == 1
+
+
+def test_wandb_online_without_network_only_warns(small_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.warns(UserWarning, match="W&B could not start.*training goes on"):
+        train(small_config("epochs=1", "wandb.mode=online", "wandb.init_timeout=5"))
+    assert len(pd.read_csv(tmp_path / "metrics.csv")) == 8 and len(pd.read_csv(tmp_path / "epochs.csv")) == 1
+
+
+def test_wandb_failing_mid_run_only_warns(small_config, tmp_path, monkeypatch):
+    import wandb.sdk.wandb_run
+
+    def broken(self, *args, **kwargs):
+        raise OSError("injected: the W&B service went away")
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken)
+    with pytest.warns(UserWarning, match="W&B logging stopped.*training goes on"):
+        train(small_config("epochs=2", "wandb.mode=offline"))
+    assert len(pd.read_csv(tmp_path / "metrics.csv")) == 16 and len(pd.read_csv(tmp_path / "epochs.csv")) == 2
