@@ -17,7 +17,6 @@ from adacov.errors import RunError
 from adacov.training.distributed import Replicas
 from tests.conftest import ROOT, SMALL, run_cli
 
-
 # Weight tolerance: Adam's update is well conditioned, so two half-batch gradients averaged agree with the
 # full-batch one to float32 rounding. AdaCov and MBF invert covariances built from a few steps, which
 # amplifies that rounding: in one process, splitting the batch moves AdaCov's weights by 3e-4 after 16

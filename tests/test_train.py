@@ -55,6 +55,14 @@ def test_resume_continues_exactly(tmp_path, small_config):
     assert pd.read_csv(cut_dir / "epochs.csv").epoch.tolist() == [1, 2, 3]
 
 
+def test_resuming_a_finished_run_returns_its_last_epoch_and_logs_nothing_new(small_config, tmp_path):
+    first = train(small_config("epochs=2"))
+    again = train(small_config("epochs=2", "resume=true"))
+    assert again == first and again["epoch"] == 2
+    assert pd.read_csv(tmp_path / "metrics.csv").step.tolist() == list(range(1, 17))
+    assert pd.read_csv(tmp_path / "epochs.csv").epoch.tolist() == [1, 2]
+
+
 def test_rerun_without_resume_starts_over(small_config, tmp_path):
     train(small_config("epochs=2"))
     train(small_config("epochs=1"))

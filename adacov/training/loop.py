@@ -23,8 +23,8 @@ from adacov.optim import MBF, mbf_param_groups
 from adacov.training.checkpoint import load_checkpoint, save_checkpoint
 from adacov.training.distributed import Replicas, start_replicas
 from adacov.training.run_logger import RunLogger, environment
+from adacov.training.step_buffer import StepBuffer
 from adacov.training.stop_signals import StopSignals
-from adacov.training.timing import StepTimer
 
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_LOSS = ("stop", "skip")
@@ -57,193 +57,166 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_settings(cfg)
     replicas, device_name = start_replicas(cfg.device, cfg.batch_size)
     try:
-        return _train(cfg, replicas, resolve_device(device_name))
+        return Trainer(cfg, replicas, resolve_device(device_name)).run()
     finally:
         replicas.close()
 
 
-def _train(cfg: DictConfig, replicas: Replicas, device: torch.device) -> dict[str, float]:
-    run_dir = Path(cfg.paths.output_dir)
-    data: ImageData = instantiate(cfg.data).to(device)
-    if cfg.batch_size > data.train_x.shape[0]:
-        raise UserError(f"batch_size={cfg.batch_size} is larger than the {data.train_x.shape[0]} training images")
-    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights for every optimizer
-    model: nn.Module = instantiate(
-        cfg.model, in_channels=data.channels, image_size=data.image_size, num_classes=data.num_classes
-    ).to(device)
-    optimizer = build_optimizer(cfg.optimizer, model)
+class Trainer:
+    """One run: the data, model and optimizer built from ``cfg``, trained epoch by epoch from ``position``."""
 
-    checkpoint = load_checkpoint(run_dir, device) if cfg.resume else None
-    position = Position()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        position = Position(**checkpoint["position"])
-    net = replicas.wrap(model)
+    def __init__(self, cfg: DictConfig, replicas: Replicas, device: torch.device) -> None:
+        self.cfg, self.replicas, self.device = cfg, replicas, device
+        self.run_dir = Path(cfg.paths.output_dir)
+        self.data: ImageData = instantiate(cfg.data).to(device)
+        if cfg.batch_size > self.data.train_x.shape[0]:
+            raise UserError(f"batch_size={cfg.batch_size} is larger than the {self.data.train_x.shape[0]} training images")
+        torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights for every optimizer
+        self.model: nn.Module = instantiate(
+            cfg.model, in_channels=self.data.channels, image_size=self.data.image_size, num_classes=self.data.num_classes
+        ).to(device)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        checkpoint = load_checkpoint(self.run_dir, device) if cfg.resume else None
+        self.position = Position()
+        self.last: dict[str, float] = {}  # the last finished epoch's metrics
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.position = Position(**checkpoint["position"])
+            self.last = checkpoint["last_epoch"]
+        self.net = replicas.wrap(self.model)
+        self.steps_per_epoch = self.data.steps_per_epoch(cfg.batch_size)
+        self.mean, self.std = self.data.normalizer()
+        self.logger = self._open_logger(resumed=checkpoint is not None) if replicas.is_main else None
 
-    steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
-    logger = None
-    if replicas.is_main:
+    def run(self) -> dict[str, float]:
+        """Train the remaining epochs (none for a finished run resumed); return the last one's metrics."""
+        try:
+            with StopSignals() as signals:
+                for epoch in range(self.position.epoch, self.cfg.epochs):
+                    self._epoch(epoch, signals)
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+        return self.last
+
+    def _epoch(self, epoch: int, signals: StopSignals) -> None:
+        cfg, device, position = self.cfg, self.device, self.position
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch)
+        skip_nonfinite = cfg.nonfinite_loss == "skip"
+        self.model.train()
+        start = time.perf_counter()
+        progress = tqdm(
+            total=self.steps_per_epoch,
+            initial=position.batch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="step",
+            leave=False,
+            disable=not self.replicas.is_main,
+        )
+        with progress as bar:  # closed before any error message, so that starts its own line
+            steps = StepBuffer(self.replicas, device, self.logger, bar, self.steps_per_epoch)
+            batches = self.data.train_batches(cfg.batch_size, generator, skip=position.batch, shard=self.replicas.shard())
+            for x, y in batches:
+                inputs = (x.float().div_(255) - self.mean) / self.std
+                steps.timer.start()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(self.net(inputs), y)
+                if not skip_nonfinite or all_finite(loss, self.replicas):
+                    loss.backward()
+                    self.optimizer.step()
+                steps.timer.stop()
+                position.step += 1
+                position.batch += 1
+                steps.add(position.step, loss.detach())
+                if device.type != "cuda" or len(steps) >= cfg.log_every:
+                    self._flush(steps, signals)
+            self._flush(steps, signals)
+        epoch_time = time.perf_counter() - start
+
+        test_loss, test_acc = evaluate(self.model, self.data, self.mean, self.std, self.replicas)
+        self.last = last = {
+            "epoch": epoch + 1,
+            "step": position.step,
+            "train_loss": position.loss_sum / position.loss_count if position.loss_count else math.nan,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "epoch_time_s": epoch_time,
+            "peak_mem_mb": peak_memory_mb(device),
+            "optimizer_state_mb": optimizer_state_bytes(self.optimizer) / 2**20,
+        }
+        if self.logger is not None:
+            self.logger.log_epoch(last)
+            if position.loss_count < self.steps_per_epoch:
+                tqdm.write(f"warning: skipped {self.steps_per_epoch - position.loss_count} steps with a non-finite loss")
+            tqdm.write(
+                f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f}, "
+                f"test loss {test_loss:.4f}, test acc {test_acc:.4f}, {epoch_time:.1f} s"
+            )
+        self.replicas.check_in_sync([*self.model.parameters(), *optimizer_tensors(self.optimizer)])
+        self.position = Position(step=position.step, epoch=epoch + 1)
+        self._save()
+
+    def _flush(self, steps: StepBuffer, signals: StopSignals) -> None:
+        """Log the buffered steps; stop the run on a non-finite loss (unless skipped) or on a signal."""
+        position = self.position
+        losses, stop = steps.reduce(signals.received is not None)
+        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        if bad is not None and self.cfg.nonfinite_loss == "stop":
+            step = steps.steps[bad]
+            steps.log(losses[:bad])
+            raise NonFiniteLossError(
+                f"the training loss is {losses[bad]} at step {step}: the run stopped; the {step - 1} steps before it "
+                f"are logged in {self.run_dir}; lower optimizer.lr, or set nonfinite_loss=skip to skip such steps"
+            )
+        finite = [loss for loss in losses if math.isfinite(loss)]
+        position.loss_sum += sum(finite)
+        position.loss_count += len(finite)
+        steps.log(losses)
+        if stop:
+            self._save()
+            signum = signals.received or signal.SIGTERM
+            raise TrainingInterrupted(
+                f"{signal.Signals(signum).name} at step {position.step}: checkpoint and logs saved in {self.run_dir}; "
+                "continue with resume=true",
+                signum,
+            )
+
+    def _save(self) -> None:
+        if self.replicas.is_main:
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "position": asdict(self.position),
+                "last_epoch": self.last,
+            }
+            save_checkpoint(self.run_dir, state)
+
+    def _open_logger(self, resumed: bool) -> RunLogger:
+        cfg = self.cfg
         resolved = OmegaConf.to_container(cfg, resolve=True)
         run_info = {
-            "run_name": run_dir.name,
+            "run_name": self.run_dir.name,
             "optimizer": cfg.optimizer_name,
             "kernel_size": cfg.model.kernel_size,
             "seed": cfg.seed,
-            "data": data.name,
+            "data": self.data.name,
             "batch_size": cfg.batch_size,
-            "processes": replicas.world_size,
+            "processes": self.replicas.world_size,
             "epochs": cfg.epochs,
-            "steps_per_epoch": steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
             "config": resolved,
-            **environment(device),
+            **environment(self.device),
         }
-        logger = RunLogger(
-            run_dir,
+        return RunLogger(
+            self.run_dir,
             OmegaConf.to_yaml(resolved),
             run_info,
             dict(cfg.wandb),
-            resume_step=position.step if checkpoint is not None else None,
-            resume_epoch=position.epoch if checkpoint is not None else None,
-        )
-
-    def save(position: Position) -> None:
-        if replicas.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "position": asdict(position)}
-            save_checkpoint(run_dir, state)
-
-    mean, std = data.normalizer()
-    skip_nonfinite = cfg.nonfinite_loss == "skip"
-    last: dict[str, float] = {}
-    try:
-        with StopSignals() as signals:
-            for epoch in range(position.epoch, cfg.epochs):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch)
-                model.train()
-                epoch_start = time.perf_counter()
-                progress = tqdm(
-                    total=steps_per_epoch,
-                    initial=position.batch,
-                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                    unit="step",
-                    leave=False,
-                    disable=not replicas.is_main,
-                )
-                with progress as bar:  # closed before any error message, so that starts its own line
-                    steps = StepBuffer(replicas, device, logger, bar, steps_per_epoch)
-                    batches = data.train_batches(cfg.batch_size, generator, skip=position.batch, shard=replicas.shard())
-                    for x, y in batches:
-                        inputs = (x.float().div_(255) - mean) / std
-                        steps.timer.start()
-                        optimizer.zero_grad(set_to_none=True)
-                        loss = nn.functional.cross_entropy(net(inputs), y)
-                        if not skip_nonfinite or all_finite(loss, replicas):
-                            loss.backward()
-                            optimizer.step()
-                        steps.timer.stop()
-                        position.step += 1
-                        position.batch += 1
-                        steps.add(position.step, loss.detach())
-                        if device.type != "cuda" or len(steps) >= cfg.log_every:
-                            _flush(steps, position, signals, skip_nonfinite, save, run_dir)
-                    _flush(steps, position, signals, skip_nonfinite, save, run_dir)
-                epoch_time = time.perf_counter() - epoch_start
-                test_loss, test_acc = evaluate(model, data, mean, std, replicas)
-                last = {
-                    "epoch": epoch + 1,
-                    "step": position.step,
-                    "train_loss": position.loss_sum / position.loss_count if position.loss_count else math.nan,
-                    "test_loss": test_loss,
-                    "test_acc": test_acc,
-                    "epoch_time_s": epoch_time,
-                    "peak_mem_mb": peak_memory_mb(device),
-                    "optimizer_state_mb": optimizer_state_bytes(optimizer) / 2**20,
-                }
-                if position.loss_count < steps_per_epoch:
-                    tqdm.write(f"warning: skipped {steps_per_epoch - position.loss_count} steps with a non-finite loss")
-                if logger is not None:
-                    logger.log_epoch(last)
-                    tqdm.write(
-                        f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f}, "
-                        f"test loss {test_loss:.4f}, test acc {test_acc:.4f}, {epoch_time:.1f} s"
-                    )
-                replicas.check_in_sync([*model.parameters(), *optimizer_tensors(optimizer)])
-                position = Position(step=position.step, epoch=epoch + 1)
-                save(position)
-    finally:
-        if logger is not None:
-            logger.close()
-    return last
-
-
-class StepBuffer:
-    """Steps whose losses and times are still on the device, moved to the host together.
-
-    On GPU that is one host sync per ``log_every`` steps; under DDP one all-reduce turns each rank's
-    loss into the global batch's mean and tells every rank whether any of them received a signal.
-    """
-
-    def __init__(
-        self, replicas: Replicas, device: torch.device, logger: RunLogger | None, bar: tqdm, steps_per_epoch: int
-    ) -> None:
-        self.replicas, self.device, self.logger, self.bar = replicas, device, logger, bar
-        self.timer = StepTimer(device)
-        self.steps_per_epoch = steps_per_epoch
-        self.steps: list[int] = []
-        self.losses: list[torch.Tensor] = []
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def add(self, step: int, loss: torch.Tensor) -> None:
-        self.steps.append(step)
-        self.losses.append(loss)
-
-    def reduce(self, stop_requested: bool) -> tuple[list[float], bool]:
-        """The buffered steps' global-batch losses, and whether any rank asked to stop."""
-        flag = torch.tensor([float(stop_requested)], device=self.device)
-        values = self.replicas.sum(torch.cat([*(loss.float().reshape(1) for loss in self.losses), flag])).tolist()
-        return [v / self.replicas.world_size for v in values[:-1]], values[-1] > 0
-
-    def log(self, losses: list[float]) -> None:
-        """Log the first ``len(losses)`` buffered steps and drop the whole buffer."""
-        rows = [
-            {"step": s, "epoch": round(s / self.steps_per_epoch, 6), "loss": loss, "step_time_s": t}
-            for s, loss, t in zip(self.steps, losses, self.timer.collect())
-        ]
-        if self.logger is not None and rows:
-            self.logger.log_steps(rows)
-        self.bar.update(len(self.steps))
-        if losses:
-            self.bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        self.steps.clear()
-        self.losses.clear()
-
-
-def _flush(steps: StepBuffer, position: Position, signals: StopSignals, skip_nonfinite: bool, save, run_dir: Path) -> None:
-    """Log the buffered steps; stop the run on a non-finite loss (unless skipped) or on a signal."""
-    losses, stop = steps.reduce(signals.received is not None)
-    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
-    if bad is not None and not skip_nonfinite:
-        step = steps.steps[bad]
-        steps.log(losses[:bad])
-        raise NonFiniteLossError(
-            f"the training loss is {losses[bad]} at step {step}: the run stopped; the {step - 1} steps before it are "
-            f"logged in {run_dir}; lower optimizer.lr, or set nonfinite_loss=skip to skip such steps"
-        )
-    finite = [loss for loss in losses if math.isfinite(loss)]
-    position.loss_sum += sum(finite)
-    position.loss_count += len(finite)
-    steps.log(losses)
-    if stop:
-        save(position)
-        signum = signals.received or signal.SIGTERM
-        raise TrainingInterrupted(
-            f"{signal.Signals(signum).name} at step {position.step}: checkpoint and logs saved in {run_dir}; "
-            "continue with resume=true",
-            signum,
+            resume_step=self.position.step if resumed else None,
+            resume_epoch=self.position.epoch if resumed else None,
         )
 
 
@@ -255,7 +228,7 @@ def all_finite(loss: torch.Tensor, replicas: Replicas) -> bool:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: ImageData, mean: torch.Tensor, std: torch.Tensor, replicas: Replicas = Replicas(), batch_size: int = 1000
+    model: nn.Module, data: ImageData, mean: torch.Tensor, std: torch.Tensor, replicas: Replicas, batch_size: int = 1000
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy on the test set; each rank evaluates a contiguous share of it."""
     model.eval()
