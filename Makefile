@@ -9,7 +9,7 @@ DATA ?= cifar100
 OUT ?= $(if $(filter cifar100,$(DATA)),results,results/$(DATA))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-gpu bench demo reproduce data
+.PHONY: help install test test-gpu bench demo demo-fast reproduce data
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,11 @@ demo: install ## offline CPU demo on scikit-learn digits -> results/demo/figure1
 	rm -rf results/demo/runs
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=demo
 	$(PY) plot_curves.py results/demo/runs --out results/demo
+
+demo-fast: install ## fast vs exact AdaCov on the demo, 3 seeds -> results/demo_fast/figure1.png
+	rm -rf results/demo_fast/runs
+	WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=demo_fast
+	$(PY) plot_curves.py results/demo_fast/runs --out results/demo_fast
 
 reproduce: install ## the paper's sweep (18 runs) and its Figure 1 / Table 1 -> $(OUT)
 	$(if $(filter cifar100,$(DATA)),$(PY) -m adacov.data.prepare --root data,)

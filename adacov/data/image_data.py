@@ -15,7 +15,7 @@ class ImageData:
     """Train and test images ``[N, C, H, W]`` (uint8) with int64 labels ``[N]``.
 
     ``augment`` turns on the CIFAR recipe for training batches: random crop after zero-padding by
-    ``crop_padding`` pixels, then a horizontal flip with probability 1/2.
+    ``crop_padding`` pixels, then (if ``flip``) a horizontal flip with probability 1/2.
     """
 
     name: str
@@ -26,6 +26,7 @@ class ImageData:
     num_classes: int
     augment: bool = True
     crop_padding: int = 4
+    flip: bool = True
 
     @property
     def channels(self) -> int:
@@ -67,7 +68,8 @@ class ImageData:
                 continue
             x = self.train_x[index[local]]
             if crops is not None:
-                x = crop_flip(x, self.crop_padding, *(c[local] for c in crops))
+                dy, dx, flip = (c[local] for c in crops)
+                x = crop_flip(x, self.crop_padding, dy, dx, flip & self.flip)
             yield x, self.train_y[index[local]]
 
 
