@@ -40,9 +40,13 @@ def small_config(tmp_path):
     return lambda *overrides: compose_config(tmp_path, [*SMALL, *overrides])
 
 
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a training subprocess: W&B off unless the run's config says otherwise."""
+    return {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(extra or {})}
+
+
 def run_cli(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in ``cwd`` (runs land in ``cwd/runs``), W&B off unless overridden."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=cli_env(env_extra), capture_output=True, text=True, **kwargs
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import torch.multiprocessing as mp
 
 from adacov.errors import RunError
 from adacov.training.distributed import Replicas
-from tests.conftest import ROOT, SMALL, run_cli
+from tests.conftest import ROOT, SMALL, cli_env, run_cli
 
 # Weight tolerance: Adam's update is well conditioned, so two half-batch gradients averaged agree with the
 # full-batch one to float32 rounding. AdaCov and MBF invert covariances built from a few steps, which
@@ -32,7 +31,7 @@ def test_two_processes_match_one_process(tmp_path, optimizer):
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(ROOT / "train.py"), *args, f"hydra.run.dir={tmp_path / 'two'}"],
-        cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr  # includes each epoch's check that both ranks' states are identical
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,15 +16,14 @@ from adacov.errors import NonFiniteLossError
 from adacov.training import train
 from adacov.training.checkpoint import CHECKPOINT
 from models.conv6 import ConvNet6
-from tests.conftest import ROOT, SMALL, run_cli
+from tests.conftest import ROOT, SMALL, cli_env, run_cli
 
 LONG = [*SMALL, "data.train_size=1024", "optimizer=adacov", "epochs=3"]  # 32 steps per epoch
 
 
 def start_training(args: list[str], cwd) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "disabled"}
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
 
 

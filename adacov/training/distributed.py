@@ -42,8 +42,8 @@ class Replicas:
         """The module whose backward averages gradients over the ranks (the model itself on one rank)."""
         if not self.distributed:
             return model
-        device_ids = [model_device(model)] if model_device(model).type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        device = next(model.parameters()).device
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     def sum(self, tensor: Tensor) -> Tensor:
         """The elementwise sum of ``tensor`` over the ranks (``tensor`` itself on one rank)."""
@@ -95,6 +95,3 @@ def start_replicas(device_name: str, batch_size: int) -> tuple[Replicas, str]:
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return replicas, device_name
 
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

@@ -86,6 +86,7 @@ class Trainer:
             self.last = checkpoint["last_epoch"]
         self.net = replicas.wrap(self.model)
         self.steps_per_epoch = self.data.steps_per_epoch(cfg.batch_size)
+        self.skip_nonfinite = cfg.nonfinite_loss == "skip"
         self.mean, self.std = self.data.normalizer()
         self.logger = self._open_logger(resumed=checkpoint is not None) if replicas.is_main else None
 
@@ -105,7 +106,6 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch)
-        skip_nonfinite = cfg.nonfinite_loss == "skip"
         self.model.train()
         start = time.perf_counter()
         progress = tqdm(
@@ -124,7 +124,7 @@ class Trainer:
                 steps.timer.start()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(self.net(inputs), y)
-                if not skip_nonfinite or all_finite(loss, self.replicas):
+                if not self.skip_nonfinite or all_finite(loss, self.replicas):
                     loss.backward()
                     self.optimizer.step()
                 steps.timer.stop()
@@ -164,7 +164,7 @@ class Trainer:
         position = self.position
         losses, stop = steps.reduce(signals.received is not None)
         bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
-        if bad is not None and self.cfg.nonfinite_loss == "stop":
+        if bad is not None and not self.skip_nonfinite:
             step = steps.steps[bad]
             steps.log(losses[:bad])
             raise NonFiniteLossError(
