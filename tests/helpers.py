@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tests.reference import relative_difference
+
 
 def small_convnet(dtype=torch.float64, seed: int = 0) -> nn.Module:
     """3x3 and 5x5 convolutions, a 1x1 convolution and a linear layer, on 2x8x8 inputs."""
@@ -56,6 +58,21 @@ def run_side_by_side(net: nn.Module, make_optimizer, reference, n_steps: int):
             for p, new in zip(ref_net.parameters(), reference.step(params, grads)):
                 p.copy_(torch.from_numpy(np.asarray(new)))
     return [p.detach().numpy().copy() for p in net.parameters()], [p.detach().numpy().copy() for p in ref_net.parameters()]
+
+
+def assert_float32_follows_float64(make_optimizer, n_steps: int) -> None:
+    """The same net and batches in float32 and float64 must stay within 1e-3 (relative) of each other."""
+    net64 = small_convnet(torch.float64)
+    net32 = small_convnet(torch.float32)
+    opt64, opt32 = make_optimizer(net64), make_optimizer(net32)
+    for x, y in batches(n_steps):
+        loss_and_backward(net64, x, y)
+        opt64.step()
+        loss_and_backward(net32, x.float(), y)
+        opt32.step()
+    for a, b in zip(net32.parameters(), net64.parameters()):
+        assert a.dtype == torch.float32
+        assert relative_difference(a.detach().double().numpy(), b.detach().numpy()) < 1e-3
 
 
 def assert_resume_is_bit_identical(make_optimizer, n_before: int, n_after: int) -> torch.optim.Optimizer:

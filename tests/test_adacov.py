@@ -11,7 +11,14 @@ from torch import nn
 
 from adacov import AdaCov
 from adacov.optim.adacov import EXP_AVG_SQ, EXP_COV
-from tests.helpers import assert_resume_is_bit_identical, batches, loss_and_backward, run_side_by_side, small_convnet
+from tests.helpers import (
+    assert_float32_follows_float64,
+    assert_resume_is_bit_identical,
+    batches,
+    loss_and_backward,
+    run_side_by_side,
+    small_convnet,
+)
 from tests.reference import ReferenceAdaCov, relative_difference
 
 
@@ -124,17 +131,7 @@ def test_block_rule_on_1d_2d_3d_and_1x1_kernels(shape):
 
 
 def test_float32_follows_float64():
-    net64 = small_convnet(torch.float64)
-    net32 = copy.deepcopy(net64).float()
-    opt64, opt32 = AdaCov(net64.parameters(), lr=1e-2, offdiag_warmup=5.0), AdaCov(net32.parameters(), lr=1e-2, offdiag_warmup=5.0)
-    for x, y in batches(10):
-        loss_and_backward(net64, x, y)
-        opt64.step()
-        loss_and_backward(net32, x.float(), y)
-        opt32.step()
-    for a, b in zip(net32.parameters(), net64.parameters()):
-        assert a.dtype == torch.float32
-        assert relative_difference(a.detach().double().numpy(), b.detach().numpy()) < 1e-3
+    assert_float32_follows_float64(lambda net: AdaCov(net.parameters(), lr=1e-2, offdiag_warmup=5.0), 10)
 
 
 def test_state_dict_resume_is_bit_identical():

@@ -12,7 +12,14 @@ from torch import nn
 
 from adacov import MBF, mbf_param_groups
 from adacov.optim.mbf import ADAM, CONV, FISHER, ROWS, SHARED_ROWS
-from tests.helpers import assert_resume_is_bit_identical, batches, loss_and_backward, run_side_by_side, small_convnet
+from tests.helpers import (
+    assert_float32_follows_float64,
+    assert_resume_is_bit_identical,
+    batches,
+    loss_and_backward,
+    run_side_by_side,
+    small_convnet,
+)
 from tests.reference import ReferenceMBF, relative_difference
 
 
@@ -81,16 +88,7 @@ def test_state_dict_resume_is_bit_identical():
 
 
 def test_float32_follows_float64():
-    net64 = small_convnet(torch.float64)
-    net32 = small_convnet(torch.float32)
-    opt64, opt32 = MBF(mbf_param_groups(net64), lr=1e-3), MBF(mbf_param_groups(net32), lr=1e-3)
-    for x, y in batches(8):
-        loss_and_backward(net64, x, y)
-        opt64.step()
-        loss_and_backward(net32, x.float(), y)
-        opt32.step()
-    for a, b in zip(net32.parameters(), net64.parameters()):
-        assert relative_difference(a.detach().double().numpy(), b.detach().numpy()) < 1e-3
+    assert_float32_follows_float64(lambda net: MBF(mbf_param_groups(net), lr=1e-3), 8)
 
 
 def test_failed_factorization_warns_once_and_recovers():
