@@ -40,7 +40,7 @@ demo: install ## offline CPU demo on scikit-learn digits -> results/demo/figure1
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=demo
 	$(PY) plot_curves.py results/demo/runs --out results/demo
 
-demo-fast: install ## fast vs exact AdaCov on the demo, 3 seeds -> results/demo_fast/figure1.png
+demo-fast: install ## fast vs exact AdaCov on the demo, 10 seeds -> results/demo_fast/figure1.png
 	rm -rf results/demo_fast/runs
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=demo_fast
 	$(PY) plot_curves.py results/demo_fast/runs --out results/demo_fast

@@ -3,7 +3,8 @@
     python plot_curves.py RUNS_DIR --out OUT_DIR
     python plot_curves.py --from-wandb ENTITY/PROJECT --out OUT_DIR
 
-Writes figure1.png, figure1.pdf, figure1_walltime.png, table1.md and table1.csv into OUT_DIR.
+Writes figure1.png, figure1.pdf, figure1_walltime.png, table1.md/.csv and final_losses.md/.csv
+into OUT_DIR.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from adacov.cli import exit_on_run_error
 from adacov.errors import UserError
-from adacov.report import build_table, load_runs, plot_figure, table_markdown
+from adacov.report import build_final_losses, build_table, final_losses_markdown, load_runs, plot_figure, table_markdown
 from adacov.report.runs import check_consistent, runs_from_wandb
 
 
@@ -26,18 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead (online)")
     parser.add_argument("--window", type=int, default=10, help="moving-average window in steps (paper: 10)")
     args = parser.parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            if args.from_wandb:
-                runs = load_runs(runs_from_wandb(args.from_wandb, Path(tmp)))
-            elif args.runs_dir is None:
-                raise UserError("give RUNS_DIR or --from-wandb ENTITY/PROJECT")
-            else:
-                runs = load_runs(args.runs_dir)
-            write_outputs(runs, args.out, args.window)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with exit_on_run_error(), tempfile.TemporaryDirectory() as tmp:
+        if args.from_wandb:
+            runs = load_runs(runs_from_wandb(args.from_wandb, Path(tmp)))
+        elif args.runs_dir is None:
+            raise UserError("give RUNS_DIR or --from-wandb ENTITY/PROJECT")
+        else:
+            runs = load_runs(args.runs_dir)
+        write_outputs(runs, args.out, args.window)
     return 0
 
 
@@ -58,7 +56,10 @@ def write_outputs(runs, out: Path, window: int) -> None:
     if problems:
         header += "\n\nWarning: " + "; ".join(problems) + "."
     (out / "table1.md").write_text(table_markdown(table, header))
-    print(f"wrote {', '.join(p.name for p in sorted(out.glob('figure1*')))}, table1.md, table1.csv to {out}")
+    finals = build_final_losses(runs)
+    finals.to_csv(out / "final_losses.csv", index=False)
+    (out / "final_losses.md").write_text(final_losses_markdown(finals, header))
+    print(f"wrote {', '.join(p.name for p in sorted(out.glob('figure1*')))}, table1.md/.csv, final_losses.md/.csv to {out}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 SMALL_MODEL = ["model.channels=[4,4,8,8,8,8]", "batch_size=32"]
 SMALL = ["data=synthetic", "data.train_size=256", "data.test_size=64", *SMALL_MODEL]
+LONG = [*SMALL, "data.train_size=1024", "optimizer=adacov", "epochs=3"]  # 32 steps per epoch
 
 
 def compose_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
@@ -50,3 +52,13 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None,
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=cli_env(env_extra), capture_output=True, text=True, **kwargs
     )
+
+
+def wait_for_rows(path: Path, rows: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until the CSV at ``path`` holds more than ``rows`` lines while ``process`` runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) > rows:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not reach {rows} rows")

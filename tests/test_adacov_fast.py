@@ -72,3 +72,29 @@ def test_state_dict_round_trip_in_fast_mode_is_bit_identical():
     kw = dict(lr=1e-2, offdiag_warmup=5.0, basis_refresh_every=4, basis_refresh_warmup=2)
     resumed = assert_resume_is_bit_identical(lambda n: AdaCov(n.parameters(), **kw), 7, 9)
     assert any("basis" in state for state in resumed.state.values())
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_memory_bytes_counts_state_caches_and_workspace(every):
+    """Closed form for one 3x3 conv ``[3, 2, 3, 3]`` (6 blocks of 9 x 9) and its bias ``[3]``, float32."""
+    conv = torch.nn.Conv2d(2, 3, 3)
+    optimizer = AdaCov(conv.parameters(), basis_refresh_every=every, basis_refresh_warmup=0)
+    conv(torch.randn(4, 2, 5, 5)).square().sum().backward()
+    optimizer.step()
+    blocks, d, f32 = 6, 9, 4
+    expected = {
+        "step": 2 * f32,
+        "exp_avg": (blocks * d + 3) * f32,
+        "exp_cov": blocks * d * d * f32,
+        "exp_avg_sq": 3 * f32,
+        "eigh workspace": (2 * blocks * d * d + blocks * d) * f32,
+        "basis caches": 0,
+    }
+    if every > 1:
+        expected |= {
+            "basis": blocks * d * d * f32,
+            "basis_eig_cov": blocks * d * f32,
+            "basis_eig_diag": blocks * d * f32,
+            "basis caches": 2 * blocks * d * d * f32,
+        }
+    assert optimizer.memory_bytes() == expected

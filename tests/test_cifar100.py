@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from adacov.data import load_cifar100
+from adacov.data import prepare
 from adacov.data.cifar100 import ARCHIVE, FOLDER
 from adacov.errors import DataError
 
@@ -94,3 +95,16 @@ def test_failed_download_leaves_nothing(tmp_path):
     with pytest.raises(DataError, match="could not download"):
         load_cifar100(tmp_path, download=True, url=(tmp_path / "nowhere.tar.gz").as_uri())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_command_reports_ready_data_and_exits_2_on_missing_data(tmp_path, capsys):
+    md5, _ = make_archive(tmp_path / ARCHIVE)
+    load_cifar100(tmp_path, download=False, md5=md5)  # extracts into the cache that the command finds
+    assert prepare.main(["--root", str(tmp_path), "--no-download"]) == 0
+    out = capsys.readouterr().out
+    assert "CIFAR-100 ready" in out and "20 train, 10 test images" in out
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--root", str(tmp_path / "empty"), "--no-download"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and ARCHIVE in err and err.count("\n") == 1

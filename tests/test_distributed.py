@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,13 +19,17 @@ from adacov import AdaCov
 from adacov.errors import RunError
 from adacov.training.distributed import Replicas
 from models.conv6 import ConvNet6
-from tests.conftest import ROOT, SMALL, cli_env, run_cli
+from tests.conftest import LONG, ROOT, SMALL, cli_env, run_cli, wait_for_rows
 
 # Weight tolerance: Adam's update is well conditioned, so two half-batch gradients averaged agree with the
 # full-batch one to float32 rounding. AdaCov and MBF invert covariances built from a few steps, which
 # amplifies that rounding (test_splitting_a_batch_only_moves_adacov_by_float_rounding). The ranks
 # themselves stay bit-identical (checked each epoch).
 WEIGHT_ATOL = {"adam": 1e-6, "adacov": 5e-4, "mbf": 5e-4}
+
+
+def torchrun(args: list[str], processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", str(ROOT / "train.py"), *args]
 
 
 def _adacov_weights_after_16_steps(split_batch: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -56,11 +63,8 @@ def test_two_processes_match_one_process(tmp_path, optimizer):
     args = [*SMALL, "device=cpu", "wandb.mode=disabled", "epochs=2", f"optimizer={optimizer}", "optimizer.lr=0.003"]
     one = run_cli([*args, f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "train.py"), *args, f"hydra.run.dir={tmp_path / 'two'}"],
-        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    two = subprocess.run(torchrun([*args, f"hydra.run.dir={tmp_path / 'two'}"]), cwd=tmp_path, env=cli_env(), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
     assert two.returncode == 0, two.stderr  # includes each epoch's check that both ranks' states are identical
 
     a, b = pd.read_csv(tmp_path / "one" / "metrics.csv"), pd.read_csv(tmp_path / "two" / "metrics.csv")
@@ -72,6 +76,43 @@ def test_two_processes_match_one_process(tmp_path, optimizer):
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=WEIGHT_ATOL[optimizer])
     assert json.loads((tmp_path / "two" / "environment.json").read_text())["processes"] == 2
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux /proc): the processes a Slurm job step signals."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(p for child in children for p in process_tree(int(child)))]
+
+
+def test_sigterm_to_every_torchrun_process_checkpoints_and_resumes_bit_exactly(tmp_path):
+    """As Slurm does on preemption: SIGTERM to torchrun's agent and to each worker. The agent forwards
+    its copy, so each worker gets SIGTERM twice; they still stop together at a step, rank 0
+    checkpoints, and the resumed run logs exactly the uninterrupted two-process run's losses."""
+    args = [*LONG, "device=cpu", "wandb.mode=disabled"]
+    full = subprocess.run(torchrun([*args, f"hydra.run.dir={tmp_path / 'full'}"]), cwd=tmp_path, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert full.returncode == 0, full.stderr
+
+    run_dir = tmp_path / "cut"
+    process = subprocess.Popen(torchrun([*args, f"hydra.run.dir={run_dir}"]), cwd=tmp_path, env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for_rows(run_dir / "metrics.csv", 40, process)  # in epoch 2
+    job = process_tree(process.pid)
+    assert len(job) == 3  # the agent and two workers
+    for pid in job:
+        os.kill(pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert stderr.count("error: SIGTERM at step") == 2, stderr  # one line from each worker
+    position = torch.load(run_dir / "checkpoint.pt", weights_only=False)["position"]
+    assert 40 <= position["step"] < 96
+    assert pd.read_csv(run_dir / "metrics.csv").step.tolist() == list(range(1, position["step"] + 1))
+
+    resumed = subprocess.run(torchrun([*args, f"hydra.run.dir={run_dir}", "resume=true"]), cwd=tmp_path, env=cli_env(),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    columns = ["step", "epoch", "loss"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "full" / "metrics.csv")[columns], pd.read_csv(run_dir / "metrics.csv")[columns])
 
 
 def test_global_batch_is_split_into_the_ranks_slices():

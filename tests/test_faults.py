@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import pandas as pd
@@ -16,24 +15,12 @@ from adacov.errors import NonFiniteLossError
 from adacov.training import train
 from adacov.training.checkpoint import CHECKPOINT
 from models.conv6 import ConvNet6
-from tests.conftest import ROOT, SMALL, cli_env, run_cli
-
-LONG = [*SMALL, "data.train_size=1024", "optimizer=adacov", "epochs=3"]  # 32 steps per epoch
-
+from tests.conftest import LONG, ROOT, SMALL, cli_env, run_cli, wait_for_rows
 
 def start_training(args: list[str], cwd) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-
-
-def wait_for_rows(path, rows: int, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        if path.is_file() and len(path.read_text().splitlines()) > rows:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{path} did not reach {rows} rows")
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 
 import plot_curves
-from adacov.report import build_table, load_runs, moving_average
+from adacov.report import build_final_losses, build_table, load_runs, moving_average
 
 STEPS_PER_EPOCH = 20
 
 
-def make_run(root, optimizer, kernel, seed, step_time, epochs=2, loss_offset=0.0, data="synthetic"):
+def make_run(root, optimizer, kernel, seed, step_time, epochs=2, loss_offset=0.0, data="synthetic", final_train_loss=1.0):
     run = root / f"{optimizer}_k{kernel}_seed{seed}"
     run.mkdir(parents=True)
     steps = np.arange(1, STEPS_PER_EPOCH * epochs + 1)
@@ -24,7 +24,7 @@ def make_run(root, optimizer, kernel, seed, step_time, epochs=2, loss_offset=0.0
         run / "metrics.csv", index=False
     )
     pd.DataFrame(
-        {"epoch": [1, 2], "step": [20, 40], "test_loss": [3.0, 2.0], "test_acc": [0.1, 0.2], "epoch_time_s": [1.0, 2.0],
+        {"epoch": [1, 2], "step": [20, 40], "train_loss": [3.5, final_train_loss], "test_loss": [3.0, 2.0], "test_acc": [0.1, 0.2], "epoch_time_s": [1.0, 2.0],
          "peak_mem_mb": [100.0, 120.0], "optimizer_state_mb": [5.0, 5.0]}
     ).to_csv(run / "epochs.csv", index=False)
     info = {"optimizer": optimizer, "kernel_size": kernel, "seed": seed, "data": data, "batch_size": 128,
@@ -58,6 +58,24 @@ def test_table_percent_increase_by_hand(tmp_path):
     assert row["epoch time (s)"] == 2.0 and row["peak memory (MB)"] == 120.0
 
 
+def test_final_losses_pair_runs_by_seed(tmp_path):
+    """Paired differences by hand: fast vs exact AdaCov at seeds 0, 1, 2 and an unpaired seed 3."""
+    for seed, (adam, exact, fast) in enumerate([(0.5, 0.20, 0.21), (0.4, 0.25, 0.24), (0.6, 0.10, 0.11)]):
+        make_run(tmp_path, "adam", 3, seed, 0.1, final_train_loss=adam)
+        make_run(tmp_path, "adacov", 3, seed, 0.1, final_train_loss=exact)
+        make_run(tmp_path, "adacov_fast", 3, seed, 0.1, final_train_loss=fast)
+    make_run(tmp_path, "adacov_fast", 3, 3, 0.1, final_train_loss=9.0)
+    table = build_final_losses(load_runs(tmp_path)).set_index("optimizer")
+    vs_exact = np.array([0.21 / 0.20, 0.24 / 0.25, 0.11 / 0.10]) * 100 - 100  # +5 %, -4 %, +10 %
+    expected = f"{vs_exact.mean():+.1f} % ± {vs_exact.std(ddof=1) / np.sqrt(3):.1f} (3 seeds)"
+    assert table.loc["AdaCov (fast)", "train loss vs AdaCov, same seed"] == expected
+    assert table.loc["AdaCov (fast)", "seeds"] == 4
+    vs_adam = np.array([0.20 / 0.5, 0.25 / 0.4, 0.10 / 0.6]) * 100 - 100
+    assert table.loc["AdaCov", "train loss vs Adam, same seed"].startswith(f"{vs_adam.mean():+.1f} %")
+    assert table.loc["AdaCov", "train loss vs AdaCov, same seed"] == ""
+    assert table.loc["Adam", "train loss"] == f"{np.mean([0.5, 0.4, 0.6]):.4f} ± {np.std([0.5, 0.4, 0.6], ddof=1):.4f}"
+
+
 def test_outputs_are_written(tmp_path, capsys):
     runs = tmp_path / "multirun"
     for optimizer in ("adam", "adacov"):
@@ -65,7 +83,7 @@ def test_outputs_are_written(tmp_path, capsys):
             make_run(runs, optimizer, kernel, 0, 0.1 if optimizer == "adam" else 0.2)
     out = tmp_path / "out"
     assert plot_curves.main([str(runs), "--out", str(out)]) == 0
-    for name in ("figure1.png", "figure1.pdf", "figure1_walltime.png", "table1.md", "table1.csv"):
+    for name in ("figure1.png", "figure1.pdf", "figure1_walltime.png", "table1.md", "table1.csv", "final_losses.md", "final_losses.csv"):
         assert (out / name).stat().st_size > 0
     markdown = (out / "table1.md").read_text()
     assert "| 3x3" in markdown and "| 5x5" in markdown and "How it was measured" in markdown
@@ -73,11 +91,13 @@ def test_outputs_are_written(tmp_path, capsys):
 
 
 def test_missing_runs_dir_is_a_clean_error(tmp_path, capsys):
-    assert plot_curves.main([str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    (tmp_path / "empty").mkdir()
-    assert plot_curves.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
-    assert "no runs below" in capsys.readouterr().err
+    for runs_dir, message in [(tmp_path / "nope", "does not exist"), (tmp_path / "empty", "no runs below")]:
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(SystemExit) as exit_info:
+            plot_curves.main([str(runs_dir), "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 def test_truncated_metrics_and_mismatched_settings_warn_but_plot(tmp_path, capsys):

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from adacov.data.cifar100 import FOLDER, load_cifar100
-from adacov.errors import DataError
+from adacov.cli import exit_on_run_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,11 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="data")
     parser.add_argument("--no-download", action="store_true")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_run_error():
         data = load_cifar100(args.root, download=not args.no_download)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     print(f"CIFAR-100 ready in {Path(args.root).resolve() / FOLDER}: {len(data.train_y)} train, {len(data.test_y)} test images")
     return 0
 

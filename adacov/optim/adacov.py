@@ -120,6 +120,21 @@ class AdaCov(torch.optim.Optimizer):
         super().add_param_group(param_group)
         _validate(self.param_groups[-1])
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held now: each state entry summed over tensors, plus the buffers that are not state.
+
+        ``"basis caches"`` are fast mode's ``Q^T`` and ``Q o Q`` (derived from ``basis``, rebuilt after
+        loading); ``"eigh workspace"`` is the reused input and output of the batched ``eigh``.
+        """
+        held: dict[str, int] = defaultdict(int)
+        for state in self.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    held[key] += value.numel() * value.element_size()
+        held["basis caches"] = self._basis_cache.nbytes()
+        held["eigh workspace"] = self._workspace.nbytes()
+        return dict(held)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One AdaCov step; ``closure`` re-evaluates the model and returns the loss."""
@@ -217,6 +232,10 @@ class EighWorkspace:
             self._buffers[key] = (like.new_empty(blocks, d, d), like.new_empty(blocks, d), like.new_empty(blocks, d, d))
         return self._buffers[key]
 
+    def nbytes(self) -> int:
+        """Bytes of every buffer held."""
+        return sum(b.numel() * b.element_size() for buffers in self._buffers.values() for b in buffers)
+
 
 class BasisCache:
     """``Q^T`` and ``Q o Q`` of each tensor's cached basis: derived from state, never saved.
@@ -238,6 +257,10 @@ class BasisCache:
         torch.mul(Q, Q, out=Q_sq)
         self._derived[id(p)] = (Q, Q_t, Q_sq)
         return Q_t, Q_sq
+
+    def nbytes(self) -> int:
+        """Bytes of ``Q^T`` and ``Q o Q`` (``Q`` itself is optimizer state)."""
+        return sum(b.numel() * b.element_size() for _, *derived in self._derived.values() for b in derived)
 
     def get(self, p: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
         cached = self._derived.get(id(p))
