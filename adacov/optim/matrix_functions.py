@@ -95,8 +95,10 @@ def apply_inverse_root(Q: Tensor, w: Tensor, x: Tensor, shift: float, scale: flo
         ``[B, d]``: ``Q ((Q^T x) * (scale * max(w, 0) + shift)^(-1/2))``.
     """
     root = w.clamp_min(0.0).mul_(scale).add_(shift).rsqrt_()
-    y = torch.bmm(x.unsqueeze(1), Q).squeeze(1)  # Q^T x, as a row vector times Q
-    return torch.bmm(Q, y.mul_(root).unsqueeze(-1)).squeeze(-1)
+    # Both products as a row vector times a matrix, the fast form of small batched products on CPU:
+    # (Q^T x)^T = x^T Q and (Q y)^T = y^T Q^T (Q^T a transposed view, no copy).
+    y = torch.bmm(x.unsqueeze(1), Q)
+    return torch.bmm(y.mul_(root.unsqueeze(1)), Q.mT).squeeze(1)
 
 
 def blend_offdiagonal(C: Tensor, s: float, out: Tensor) -> Tensor:
