@@ -31,7 +31,7 @@ from torch import nn
 
 from adacov import AdaCov
 from adacov.optim.matrix_functions import blend_offdiagonal
-from optimizer_step import machine_description  # the sibling benchmark script
+from bench_report import machine_description, publish
 from models import ConvNet6
 
 BETA2 = 0.999
@@ -49,40 +49,56 @@ def median_ms(fn: Callable[[], object], rounds: int, warmup: int = 3) -> float:
     return 1e3 * statistics.median(samples)
 
 
+def full_update(C: torch.Tensor, g: torch.Tensor, beta2: float) -> None:
+    """``C <- beta2 C + (1 - beta2) g g^T`` on ``[B, d, d]``, as AdaCov does it."""
+    C.mul_(beta2).addcmul_(g.unsqueeze(-1), g.unsqueeze(-2), value=1.0 - beta2)
+
+
+class PackedCovariance:
+    """The upper triangles ``[B, d(d+1)/2]`` of symmetric blocks, with the two operations AdaCov needs.
+
+    Entry ``k`` holds ``(rows[k], cols[k])``, ``rows[k] <= cols[k]`` (``torch.triu_indices`` order).
+    """
+
+    def __init__(self, values: torch.Tensor, d: int) -> None:
+        self.values = values
+        self.rows, self.cols = torch.triu_indices(d, d, device=values.device)
+        self.lower_flat = self.cols * d + self.rows  # (i, j), i <= j, is (j, i) of the lower triangle
+        self._g_rows, self._g_cols = torch.empty_like(values), torch.empty_like(values)
+
+    @classmethod
+    def pack(cls, C: torch.Tensor) -> PackedCovariance:
+        d = C.shape[-1]
+        rows, cols = torch.triu_indices(d, d, device=C.device)
+        return cls(C[:, rows, cols].contiguous(), d)
+
+    def update(self, g: torch.Tensor, beta2: float) -> None:
+        """``C <- beta2 C + (1 - beta2) g g^T`` for the stored entries: gathers ``g_i``, ``g_j`` into reused buffers."""
+        torch.index_select(g, 1, self.rows, out=self._g_rows)
+        torch.index_select(g, 1, self.cols, out=self._g_cols)
+        self.values.lerp_(self._g_rows.mul_(self._g_cols), 1.0 - beta2)
+
+    def eigh_input(self, s: float, out: torch.Tensor) -> torch.Tensor:
+        """The lower triangle of ``s C + (1 - s) diag(C)`` written into ``out`` ``[B, d, d]`` (all that eigh reads)."""
+        scale = torch.full(self.rows.shape, s, dtype=self.values.dtype, device=self.values.device)
+        scale[self.rows == self.cols] = 1.0
+        out.view(out.shape[0], -1).index_copy_(1, self.lower_flat, self.values * scale)
+        return out
+
+
 def storage_timings(blocks: int, d: int, rounds: int) -> dict[str, float]:
     """Median ms of the average update and of building eigh's input, full and packed."""
     g = torch.randn(blocks, d)
     full = torch.randn(blocks, d, d)
-    rows, cols = torch.triu_indices(d, d)
-    packed = torch.randn(blocks, rows.numel())
-    g_rows, g_cols = torch.empty_like(packed), torch.empty_like(packed)
-    # eigh reads the lower triangle: packed entry (i, j), i <= j, goes to flat position j * d + i.
-    lower_flat = cols * d + rows
-    on_diagonal = rows == cols
-    scale = torch.where(on_diagonal, 1.0, S)
+    packed = PackedCovariance.pack(full)
     eigh_input = torch.empty_like(full)
-
-    def full_update() -> None:
-        full.mul_(BETA2).addcmul_(g.unsqueeze(-1), g.unsqueeze(-2), value=1.0 - BETA2)
-
-    def packed_update() -> None:
-        torch.index_select(g, 1, rows, out=g_rows)
-        torch.index_select(g, 1, cols, out=g_cols)
-        packed.lerp_(g_rows.mul_(g_cols), 1.0 - BETA2)
-
-    def full_blend() -> None:
-        blend_offdiagonal(full, S, out=eigh_input)
-
-    def packed_blend() -> None:
-        eigh_input.view(blocks, d * d).index_copy_(1, lower_flat, packed * scale)
-
     return {
-        "update_full": median_ms(full_update, rounds),
-        "update_packed": median_ms(packed_update, rounds),
-        "blend_full": median_ms(full_blend, rounds),
-        "blend_packed": median_ms(packed_blend, rounds),
-        "full_mb": full.numel() * 4 / 2**20,
-        "packed_mb": packed.numel() * 4 / 2**20,
+        "update_full": median_ms(lambda: full_update(full, g, BETA2), rounds),
+        "update_packed": median_ms(lambda: packed.update(g, BETA2), rounds),
+        "blend_full": median_ms(lambda: blend_offdiagonal(full, S, out=eigh_input), rounds),
+        "blend_packed": median_ms(lambda: packed.eigh_input(S, eigh_input), rounds),
+        "full_mb": full.numel() * full.element_size() / 2**20,
+        "packed_mb": packed.values.numel() * packed.values.element_size() / 2**20,
     }
 
 
@@ -147,12 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         blocks = sum(c.weight.shape[0] * c.weight.shape[1] for c in convs)
         results[k] = {"blocks": blocks, **storage_timings(blocks, k * k, args.rounds)}
         results[k]["adacov"] = adacov_memory_and_step(k, args.batch, args.rounds)
-    text = report(results, args)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python benchmarks/covariance_storage.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        args.out.write_text(f"# Covariance storage: full vs packed\n\nCommand: `{command}`\n\n{text}\n")
+    publish(report(results, args), args.out, "Covariance storage: full vs packed", "covariance_storage.py", argv)
     return 0
 
 

@@ -25,6 +25,7 @@ from adacov import AdaCov
 from adacov.data import make_synthetic
 from adacov.optim.adacov import BASIS, BASIS_EIG_COV, BASIS_EIG_DIAG, EXP_AVG, EXP_COV, STEP, offdiagonal_scale
 from adacov.optim.matrix_functions import apply_inverse_root, blend_offdiagonal, symmetric_eigh
+from bench_report import publish
 from models import ConvNet6
 
 
@@ -139,11 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     body = [line for k in args.kernel_sizes for line in summarize(k, trajectory(k, args))]
-    text = "\n".join(header + body)
-    print(text)
-    if args.out:
-        command = "python benchmarks/fast_adacov_direction.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        args.out.write_text(f"# Fast AdaCov: direction error along a trajectory\n\nCommand: `{command}`\n\n{text}\n")
+    title = "Fast AdaCov: direction error along a trajectory"
+    publish("\n".join(header + body), args.out, title, "fast_adacov_direction.py", argv)
     return 0
 
 

@@ -13,7 +13,6 @@ optimizer time per Adam step (free of the forward/backward noise), and the optim
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from adacov import MBF, AdaCov, mbf_param_groups
+from bench_report import machine_description, publish
 from models import ConvNet6
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
@@ -90,15 +90,6 @@ def time_kernel_size(kernel_size: int, names: list[str], rounds: int, warmup: in
     }
 
 
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
-    )
-
-
 def report(results: dict[int, dict[str, tuple]], args: argparse.Namespace, device: torch.device) -> str:
     lines = [
         f"Machine: {machine_description(device)}",
@@ -141,12 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ["adam"] + [n for n in args.optimizers if n != "adam"]
     device = torch.device(args.device)
     results = {k: time_kernel_size(k, names, args.rounds, args.warmup, args.batch, device) for k in args.kernel_sizes}
-    text = report(results, args, device)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python benchmarks/optimizer_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        args.out.write_text(f"# Optimizer step time\n\nCommand: `{command}`\n\n{text}\n")
+    publish(report(results, args, device), args.out, "Optimizer step time", "optimizer_step.py", argv)
     return 0
 
 

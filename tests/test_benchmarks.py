@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end on tiny settings, and the packed layout they time is correct."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adacov.optim.matrix_functions import blend_offdiagonal
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from covariance_storage import PackedCovariance, full_update  # noqa: E402
+
+
+def test_packed_covariance_matches_the_full_blocks():
+    g = torch.randn(6, 9, dtype=torch.float64)
+    C = torch.randn(6, 9, 9, dtype=torch.float64)
+    C = C @ C.mT
+    packed = PackedCovariance.pack(C)
+    full_update(C, g, 0.9)
+    packed.update(g, 0.9)
+    rows, cols = torch.triu_indices(9, 9)
+    torch.testing.assert_close(packed.values, C[:, rows, cols], rtol=1e-14, atol=0)
+    blended = blend_offdiagonal(C, 0.3, out=torch.empty_like(C))
+    written = packed.eigh_input(0.3, out=torch.full_like(C, float("nan")))
+    torch.testing.assert_close(written.tril(), blended.tril(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(torch.linalg.eigh(written).eigenvalues, torch.linalg.eigvalsh(blended))
+
+
+@pytest.mark.parametrize(
+    "script, args, expect",
+    [
+        ("optimizer_step.py", ["--kernel-sizes", "3", "--rounds", "1", "--warmup", "0", "--batch", "4"], "| 3x3 | adacov_fast |"),
+        ("covariance_storage.py", ["--kernel-sizes", "3", "--rounds", "1", "--batch", "4"], "| 3x3 | fast |"),
+        ("fast_adacov_direction.py", ["--kernel-sizes", "3", "--epochs", "2", "--steps-per-epoch", "3", "--batch", "4",
+                                      "--every", "2", "--channels", "4", "4", "4", "4", "4", "4"], "| 3x3 | 2 |"),
+    ],
+)  # fmt: skip
+def test_benchmark_writes_its_report_with_command(tmp_path, script, args, expect):
+    out = tmp_path / "report.md"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert f"Command: `python benchmarks/{script} {' '.join(args)} --out {out}`" in text
+    assert expect in text
