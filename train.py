@@ -6,13 +6,14 @@ with exit status 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from adacov.cli import check_group_choices, exit_on_run_error
+from adacov.cli import check_group_choices, exit_on_run_error, rank_overrides
 from adacov.training import train
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -27,4 +28,5 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     with exit_on_run_error():
         check_group_choices(sys.argv[1:], CONFIG_DIR)
+    sys.argv += rank_overrides(os.environ)
     main()

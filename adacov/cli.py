@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +26,17 @@ def check_group_choices(argv: Sequence[str], config_dir: Path) -> None:
         for choice in value.split(","):
             if choice not in allowed:
                 raise UserError(f"{key}={choice} is not allowed: use one of {', '.join(allowed)}")
+
+
+def rank_overrides(environ: Mapping[str, str]) -> list[str]:
+    """Hydra overrides for a torchrun rank other than 0, which shares rank 0's run directory.
+
+    Rank 0 alone writes ``.hydra/`` (the composed config) and the job log file there; the other
+    ranks would write the same files at the same moment. Their logging goes to stdout instead.
+    """
+    if int(environ.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
 @contextmanager

@@ -58,3 +58,14 @@ def test_paper_experiment_sweep_feeds_plot_curves(tmp_path):
     assert plot_curves.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
     table = pd.read_csv(tmp_path / "out" / "table1.csv")
     assert sorted(table.kernel.unique()) == ["3x3", "5x5"] and set(table.optimizer) == {"Adam", "AdaCov", "MBF"}
+
+
+def test_only_rank_0_writes_the_hydra_files(tmp_path):
+    """A torchrun rank other than 0 shares rank 0's run directory, so it leaves ``.hydra/`` to rank 0."""
+    args = [*SMALL, "epochs=1", "device=cpu", "wandb.mode=disabled"]
+    for rank in ("0", "1"):
+        result = run_cli([*args, f"hydra.run.dir={tmp_path / rank}"], cwd=tmp_path, env_extra={"RANK": rank})
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / rank / "metrics.csv").is_file()  # no process group here: a plain run that logs
+    assert (tmp_path / "0" / ".hydra" / "config.yaml").is_file() and (tmp_path / "0" / "train.log").is_file()
+    assert not (tmp_path / "1" / ".hydra").exists() and not (tmp_path / "1" / "train.log").exists()
