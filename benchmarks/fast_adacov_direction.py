@@ -5,7 +5,9 @@ synthetic data and, after each step, recomputes from the optimizer's state the d
 exact algorithm would take (a fresh eigendecomposition of C_s) and the one the cached basis gives.
 It also evaluates one Ogita-Aishima refinement of the cached basis (Ogita & Aishima 2018, the
 paper's reference [6]) as an alternative to a fresh eigendecomposition: its direction error and its
-cost next to eigh's. Reports cosine similarity and relative error per epoch.
+cost next to eigh's. Reports cosine similarity and relative error per epoch, the cached step's length
+relative to the exact one, and the median over blocks of the cached smallest eigenvalue estimate over
+the exact smallest eigenvalue (each bias-corrected, plus cov_eps^2, as the inverse root uses them).
 
     python benchmarks/fast_adacov_direction.py --kernel-sizes 3 5 --epochs 3 --out results/fast_adacov_direction_cpu.md
 """
@@ -51,7 +53,9 @@ def ogita_aishima(A: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def directions(optimizer: AdaCov, p: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
-    """Exact, cached-basis and refined directions (and seconds) from the state after the last step."""
+    """Exact, cached-basis and refined directions (and seconds) from the state after the last step, and
+    ``"floor"``: per block, the cached smallest eigenvalue estimate over the exact one, both as the
+    inverse root sees them (bias-corrected, plus ``cov_eps^2``)."""
     state, group = optimizer.state[p], optimizer.param_groups[0]
     t = int(state[STEP].item())
     d = state[EXP_COV].shape[-1]
@@ -69,7 +73,8 @@ def directions(optimizer: AdaCov, p: torch.Tensor) -> dict[str, tuple[torch.Tens
     X, lam = ogita_aishima(C_s, state[BASIS])
     refined = apply_inverse_root(X, lam, m, shift, scale)
     refined_time = time.perf_counter() - start
-    return {"exact": (exact, exact_time), "cached": (cached, 0.0), "refined": (refined, refined_time)}
+    floor = (eig.min(-1).values.clamp_min(0) * scale + shift) / (w.min(-1).values.clamp_min(0) * scale + shift)
+    return {"exact": (exact, exact_time), "cached": (cached, 0.0), "refined": (refined, refined_time), "floor": (floor, 0.0)}
 
 
 def trajectory(kernel_size: int, args: argparse.Namespace) -> list[dict]:
@@ -100,6 +105,8 @@ def trajectory(kernel_size: int, args: argparse.Namespace) -> list[dict]:
                 approx = found[name][0].flatten()
                 row[f"{name}_cos"] = nn.functional.cosine_similarity(approx, exact, dim=0).item()
                 row[f"{name}_rel"] = ((approx - exact).norm() / exact.norm()).item()
+            row["cached_norm"] = (found["cached"][0].norm() / found["exact"][0].norm()).item()
+            row["floor"] = found["floor"][0].median().item()
             row["eigh_s"], row["refine_s"] = found["exact"][1], found["refined"][1]
             rows.append(row)
     return rows
@@ -113,7 +120,8 @@ def summarize(kernel_size: int, rows: list[dict]) -> list[str]:
             f"| {kernel_size}x{kernel_size} | {epoch} | {len(group)} | {statistics.mean(r['cached_cos'] for r in group):.5f} "
             f"| {min(r['cached_cos'] for r in group):.5f} | {statistics.mean(r['cached_rel'] for r in group):.4f} "
             f"| {statistics.mean(r['refined_cos'] for r in group):.5f} | {statistics.mean(r['refined_rel'] for r in group):.4f} "
-            f"| {1e3 * statistics.median(r['eigh_s'] for r in group):.1f} | {1e3 * statistics.median(r['refine_s'] for r in group):.1f} |"
+            f"| {1e3 * statistics.median(r['eigh_s'] for r in group):.1f} | {1e3 * statistics.median(r['refine_s'] for r in group):.1f} "
+            f"| {statistics.mean(r['cached_norm'] for r in group):.4f} | {statistics.mean(r['floor'] for r in group):.3f} |"
         )
     return lines
 
@@ -133,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps_per_epoch} steps) on CIFAR-shaped synthetic data, ConvNet6 widths {'-'.join(map(str, args.channels))}, "
         f"batch {args.batch}, CPU with {torch.get_num_threads()} torch threads, torch {torch.__version__}.",
         "Directions of the second convolution's weight, compared with the exact step computed from the same state "
-        "after every step that has a cached basis (the first epoch refreshes every step, so it is exact).",
+        "after every step that has a cached basis (the first epoch refreshes every step, so it is exact). The last two "
+        "columns are means over the epoch's steps; the smallest-eigenvalue ratio is a median over the blocks.",
         "",
         "| kernel | epoch | steps | cached cos (mean) | cached cos (min) | cached rel. err | one Ogita-Aishima step: cos "
-        "| rel. err | eigh (ms) | refinement (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| rel. err | eigh (ms) | refinement (ms) | cached / exact step length | cached / exact smallest eigenvalue |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     body = [line for k in args.kernel_sizes for line in summarize(k, trajectory(k, args))]
     title = "Fast AdaCov: direction error along a trajectory"
