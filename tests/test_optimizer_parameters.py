@@ -35,3 +35,18 @@ def test_adacov_rejects_bad_param_group_override():
 def test_adacov_rejects_bad_refresh_settings(name, value):
     with pytest.raises(ValueError, match=re.escape(f"Invalid {name}: {value}")):
         AdaCov([torch.zeros(2, requires_grad=True)], **{name: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_are_rejected_when_built(dtype):
+    """eigh and Cholesky have no half-precision kernels: say so at construction, not deep in step()."""
+    from adacov import MBF, mbf_param_groups
+
+    conv = torch.nn.Conv2d(2, 3, 3).to(dtype)
+    with pytest.raises(ValueError, match=re.escape(f"Invalid parameter dtype: {dtype} (AdaCov supports float32 and float64")):
+        AdaCov(conv.parameters())
+    with pytest.raises(ValueError, match=re.escape(f"Invalid parameter dtype: {dtype} (MBF supports float32 and float64")):
+        MBF(mbf_param_groups(conv))
+    for supported in (torch.float32, torch.float64):
+        AdaCov(conv.to(supported).parameters())
+        MBF(mbf_param_groups(conv))

@@ -12,7 +12,14 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from adacov.optim.matrix_functions import apply_inverse_root, blend_offdiagonal, symmetric_eigh
-from adacov.optim.validation import check_betas, check_nonnegative, check_nonnegative_int, check_positive, check_positive_int
+from adacov.optim.validation import (
+    check_betas,
+    check_dtypes,
+    check_nonnegative,
+    check_nonnegative_int,
+    check_positive,
+    check_positive_int,
+)
 
 __all__ = ["AdaCov", "STEP", "EXP_AVG", "EXP_AVG_SQ", "EXP_COV", "BASIS", "BASIS_EIG_COV", "BASIS_EIG_DIAG", "uses_covariance"]
 
@@ -119,6 +126,7 @@ class AdaCov(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         _validate(self.param_groups[-1])
+        check_dtypes("AdaCov", self.param_groups[-1]["params"])
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held now: each state entry summed over tensors, plus the buffers that are not state.

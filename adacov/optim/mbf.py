@@ -14,7 +14,14 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from adacov.optim.matrix_functions import cholesky_damped
-from adacov.optim.validation import check_betas, check_nonnegative, check_nonnegative_int, check_positive, check_positive_int
+from adacov.optim.validation import (
+    check_betas,
+    check_dtypes,
+    check_nonnegative,
+    check_nonnegative_int,
+    check_positive,
+    check_positive_int,
+)
 
 __all__ = ["MBF", "mbf_param_groups", "CONV", "ROWS", "SHARED_ROWS", "ADAM"]
 
@@ -144,6 +151,7 @@ class MBF(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _validate(group)
+        check_dtypes("MBF", group["params"])
         if group["block"] not in BLOCKS:
             raise ValueError(f"Invalid block: {group['block']!r} (use one of {', '.join(BLOCKS)})")
         if group["block"] in (ROWS, SHARED_ROWS) and group["params"] and group["params"][0].dim() != 2:

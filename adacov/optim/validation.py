@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 def check_positive(name: str, value: float) -> None:
@@ -33,3 +37,13 @@ def check_betas(betas: Sequence[float]) -> None:
     """Reject betas that are not two numbers in [0, 1)."""
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"Invalid betas: {tuple(betas)} (each must be in [0, 1))")
+
+
+def check_dtypes(optimizer: str, params: Iterable[torch.Tensor]) -> None:
+    """Reject parameters outside float32 / float64: the batched eigh and Cholesky have no half-precision kernels."""
+    for p in params:
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"Invalid parameter dtype: {p.dtype} ({optimizer} supports float32 and float64; "
+                "keep the weights in float32, e.g. under torch.autocast)"
+            )
