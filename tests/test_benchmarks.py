@@ -36,6 +36,7 @@ def test_packed_covariance_matches_the_full_blocks():
     [
         ("optimizer_step.py", ["--kernel-sizes", "3", "--rounds", "1", "--warmup", "0", "--batch", "4"], "| 3x3 | adacov_fast |"),
         ("covariance_storage.py", ["--kernel-sizes", "3", "--rounds", "1", "--batch", "4"], "| 3x3 | fast |"),
+        ("profile_step.py", ["--kernel-sizes", "3", "--batch", "4"], "| 3x3 | fast, cached step |"),
         ("fast_adacov_direction.py", ["--kernel-sizes", "3", "--epochs", "2", "--steps-per-epoch", "3", "--batch", "4",
                                       "--every", "2", "--channels", "4", "4", "4", "4", "4", "4"], "| 3x3 | 2 |"),
     ],

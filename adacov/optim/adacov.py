@@ -313,6 +313,8 @@ def _refresh_step(jobs: list[tuple[Tensor, Tensor, dict, dict]], workspace: Eigh
                 Q_p, w_p, state[EXP_AVG].view(-1, d), shift=group["cov_eps"] ** 2, scale=1.0 / (1.0 - group["betas"][1] ** t)
             )
             _apply(p, direction, t, group)
+    with record_function("adacov::store_basis"):
+        for (p, _, state, group), Q_p in zip(jobs, Q.split(sizes)):
             if group["basis_refresh_every"] > 1:
                 _store_basis(p, state, Q_p, cache)
 
