@@ -29,8 +29,11 @@ test: install ## run the test suite on CPU
 test-gpu: install ## run the GPU-marked tests (needs CUDA)
 	$(PY) -m pytest -m gpu
 
-bench: install ## step time of AdaCov (exact, fast) and MBF vs Adam -> results/optimizer_step_cpu.md
+bench: install ## the CPU benchmarks (step time vs Adam, profile, direction error, storage) -> results/*_cpu.md
 	$(PY) benchmarks/optimizer_step.py --out results/optimizer_step_cpu.md
+	$(PY) benchmarks/profile_step.py --out results/profile_step_cpu.md
+	$(PY) benchmarks/fast_adacov_direction.py --kernel-sizes 3 5 --epochs 3 --out results/fast_adacov_direction_cpu.md
+	$(PY) benchmarks/covariance_storage.py --out results/covariance_storage_cpu.md
 
 data: install ## download and verify CIFAR-100 into data/ (stops with a message where it cannot)
 	$(PY) -m adacov.data.prepare --root data
