@@ -4,8 +4,8 @@ A symmetric ``d x d`` block has ``d (d + 1) / 2`` distinct entries, so packed st
 ``[B, d (d + 1) / 2]`` instead of ``[B, d, d]``: 56 % of the bytes for 3x3 kernels, 52 % for 5x5.
 It changes two operations, timed here side by side on the block count of the paper-width net:
 
-- the per-step average ``C <- beta2 C + (1 - beta2) g g^T``: full, as AdaCov does it (in place,
-  broadcast outer product); packed, by gathering ``g_i`` and ``g_j`` for ``i <= j`` into reused
+- the per-step average ``C <- beta2 C + (1 - beta2) g g^T``: full, AdaCov's own ``update_covariance``
+  (in place, broadcast outer product); packed, by gathering ``g_i`` and ``g_j`` for ``i <= j`` into reused
   buffers (the fastest of the packed forms tried: a direct ``g[:, iu] * g[:, ju]`` or slicing the full
   outer product was slower) and one ``lerp_``;
 - building eigh's input ``C_s`` (off-diagonals scaled by ``s``): full, AdaCov's
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from adacov import AdaCov
+from adacov.optim.adacov import update_covariance
 from adacov.optim.matrix_functions import blend_offdiagonal
 from bench_report import machine_description, publish
 from models import ConvNet6
@@ -47,11 +48,6 @@ def median_ms(fn: Callable[[], object], rounds: int, warmup: int = 3) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return 1e3 * statistics.median(samples)
-
-
-def full_update(C: torch.Tensor, g: torch.Tensor, beta2: float) -> None:
-    """``C <- beta2 C + (1 - beta2) g g^T`` on ``[B, d, d]``, as AdaCov does it."""
-    C.mul_(beta2).addcmul_(g.unsqueeze(-1), g.unsqueeze(-2), value=1.0 - beta2)
 
 
 class PackedCovariance:
@@ -93,7 +89,7 @@ def storage_timings(blocks: int, d: int, rounds: int) -> dict[str, float]:
     packed = PackedCovariance.pack(full)
     eigh_input = torch.empty_like(full)
     return {
-        "update_full": median_ms(lambda: full_update(full, g, BETA2), rounds),
+        "update_full": median_ms(lambda: update_covariance(full, g, BETA2), rounds),
         "update_packed": median_ms(lambda: packed.update(g, BETA2), rounds),
         "blend_full": median_ms(lambda: blend_offdiagonal(full, S, out=eigh_input), rounds),
         "blend_packed": median_ms(lambda: packed.eigh_input(S, eigh_input), rounds),

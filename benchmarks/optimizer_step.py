@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from adacov import MBF, AdaCov, mbf_param_groups
+from adacov.training.loop import optimizer_state_bytes
 from bench_report import machine_description, publish
 from models import ConvNet6
 
@@ -32,10 +33,6 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "adacov_fast": lambda m: AdaCov(m.parameters(), lr=1e-3, basis_refresh_every=10, basis_refresh_warmup=0),
     "mbf": lambda m: MBF(mbf_param_groups(m), lr=3e-3, weight_decay=0.1),
 }
-
-
-def state_megabytes(optimizer: torch.optim.Optimizer) -> float:
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)) / 2**20
 
 
 class Timer:
@@ -85,7 +82,7 @@ def time_kernel_size(kernel_size: int, names: list[str], rounds: int, warmup: in
                 samples[name][0].append(timer.seconds(t0, t2))
                 samples[name][1].append(timer.seconds(t1, t2))
     return {
-        name: (statistics.median(a), statistics.mean(a), statistics.median(b), statistics.mean(b), state_megabytes(runs[name][1]))
+        name: (statistics.median(a), statistics.mean(a), statistics.median(b), statistics.mean(b), optimizer_state_bytes(runs[name][1]) / 2**20)
         for name, (a, b) in samples.items()
     }
 

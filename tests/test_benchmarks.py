@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 
+from adacov.optim.adacov import update_covariance
 from adacov.optim.matrix_functions import blend_offdiagonal
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from covariance_storage import PackedCovariance, full_update  # noqa: E402
+from covariance_storage import PackedCovariance  # noqa: E402
 
 
 def test_packed_covariance_matches_the_full_blocks():
@@ -21,7 +22,7 @@ def test_packed_covariance_matches_the_full_blocks():
     C = torch.randn(6, 9, 9, dtype=torch.float64)
     C = C @ C.mT
     packed = PackedCovariance.pack(C)
-    full_update(C, g, 0.9)
+    update_covariance(C, g, 0.9)
     packed.update(g, 0.9)
     rows, cols = torch.triu_indices(9, 9)
     torch.testing.assert_close(packed.values, C[:, rows, cols], rtol=1e-12, atol=1e-14)  # lerp_ vs mul_ + addcmul_ rounding

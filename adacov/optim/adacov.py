@@ -21,7 +21,7 @@ from adacov.optim.validation import (
     check_positive_int,
 )
 
-__all__ = ["AdaCov", "STEP", "EXP_AVG", "EXP_AVG_SQ", "EXP_COV", "BASIS", "BASIS_EIG_COV", "BASIS_EIG_DIAG", "uses_covariance"]
+__all__ = ["AdaCov", "STEP", "EXP_AVG", "EXP_AVG_SQ", "EXP_COV", "BASIS", "BASIS_EIG_COV", "BASIS_EIG_DIAG", "update_covariance", "uses_covariance"]
 
 STEP = "step"
 EXP_AVG = "exp_avg"
@@ -289,9 +289,15 @@ def _update_moments(jobs: list[tuple[Tensor, Tensor, dict, dict]]) -> None:
         for _, grad, state, group in jobs:
             beta1, beta2 = group["betas"]
             state[EXP_AVG].lerp_(grad, 1.0 - beta1)
-            g = grad.reshape(-1, state[EXP_COV].shape[-1])
-            # In place: C <- beta2 C + (1 - beta2) g g^T, broadcast without an outer-product temporary.
-            state[EXP_COV].mul_(beta2).addcmul_(g.unsqueeze(-1), g.unsqueeze(-2), value=1.0 - beta2)
+            update_covariance(state[EXP_COV], grad.reshape(-1, state[EXP_COV].shape[-1]), beta2)
+
+
+def update_covariance(C: Tensor, g: Tensor, beta2: float) -> None:
+    """``C <- beta2 C + (1 - beta2) g g^T`` for ``C`` ``[B, d, d]`` and ``g`` ``[B, d]``.
+
+    In place, with the outer product broadcast inside ``addcmul_`` (no ``[B, d, d]`` temporary).
+    """
+    C.mul_(beta2).addcmul_(g.unsqueeze(-1), g.unsqueeze(-2), value=1.0 - beta2)
 
 
 def _refresh_step(jobs: list[tuple[Tensor, Tensor, dict, dict]], workspace: EighWorkspace, cache: BasisCache) -> None:

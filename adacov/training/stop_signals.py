@@ -5,9 +5,9 @@ the loop checks it after each logged step, writes a checkpoint, flushes its file
 signal gets Python's default behaviour back, so a stuck run can still be killed.
 
 Under torchrun the second signal is ignored instead. Its agent forwards the SIGTERM or SIGINT that it
-gets to its workers, so a signal sent to the whole process group (a scheduler's SIGTERM to the job, a
-terminal's Ctrl-C) reaches each worker twice, and the repeat would kill it before its checkpoint. The
-agent's SIGKILL after its shutdown timeout (30 s) stays the hard stop.
+gets to its workers (each in a session of its own), so a signal sent to every process of the job, as
+Slurm sends it on preemption or scancel, reaches each worker twice, and the repeat would kill it
+before its checkpoint. The agent's SIGKILL after its shutdown timeout (30 s) stays the hard stop.
 """
 
 from __future__ import annotations
