@@ -9,28 +9,47 @@ DATA ?= cifar100
 OUT ?= $(if $(filter cifar100,$(DATA)),results,results/$(DATA))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-gpu bench demo demo-fast reproduce data
+.PHONY: help install test test-numerics test-gpu bench demo demo-fast tune compare reproduce data
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## create .venv; install torch (pinned, first), the project and its Hydra launchers
+install: $(VENV)/.installed ## create .venv; install torch (pinned, first), the project, its Hydra launchers and baselines
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e ".[test,launchers]"
+	$(PY) -m pip install --quiet -e ".[test,launchers,baselines]"
 	@touch $@
 
 test: install ## run the test suite on CPU
 	$(PY) -m pytest
 
+BENCH_OPTIMIZERS := adam adacov adacov_fast eadam mbf kfac ekfac tkfac tekfac soap shampoo kron adahessian sophia
+
+# Each CPU class in turn: torch's vectorized kernels (ATen), MKL's BLAS/LAPACK and oneDNN's convolutions
+# dispatch on the CPU separately, and their float32 rounding differs; the three switches emulate a CPU
+# without AVX2 (portable/SSE4), one with AVX2, and one with AVX-512, as far as this CPU has them.
+KERNEL_SETS := default:SSE4_2:SSE41 avx2:AVX2:AVX2 avx512:AVX512:AVX512_CORE
+
+test-numerics: install ## the numerically sensitive tests under each CPU kernel set this CPU has, then with 1 thread
+	@best=$$($(PY) -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"); \
+	for set in $(KERNEL_SETS); do \
+		aten=$${set%%:*}; rest=$${set#*:}; mkl=$${rest%%:*}; onednn=$${rest#*:}; \
+		case "$$aten:$$best" in avx2:default|avx512:default|avx512:avx2) echo "skip $$aten: this CPU has $$best"; continue;; esac; \
+		echo "== ATEN_CPU_CAPABILITY=$$aten MKL_ENABLE_INSTRUCTIONS=$$mkl ONEDNN_MAX_CPU_ISA=$$onednn"; \
+		ATEN_CPU_CAPABILITY=$$aten MKL_ENABLE_INSTRUCTIONS=$$mkl ONEDNN_MAX_CPU_ISA=$$onednn \
+			$(PY) -m pytest -q -m "numerics and not gpu" || exit 1; \
+	done; \
+	echo "== OMP_NUM_THREADS=1"; OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "numerics and not gpu"
+
 test-gpu: install ## run the GPU-marked tests (needs CUDA)
 	$(PY) -m pytest -m gpu
 
-bench: install ## the CPU benchmarks (step time vs Adam, profile, direction error, storage) -> results/*_cpu.md
-	$(PY) benchmarks/optimizer_step.py --out results/optimizer_step_cpu.md
+bench: install ## the CPU benchmarks (step time vs Adam, K-FAC cost, profile, direction error, storage) -> results/*_cpu.md
+	$(PY) benchmarks/optimizer_step.py --optimizers $(BENCH_OPTIMIZERS) --out results/optimizer_step_cpu.md
+	$(PY) benchmarks/kfac_cost.py --out results/kfac_cost_cpu.md
 	$(PY) benchmarks/profile_step.py --out results/profile_step_cpu.md
 	$(PY) benchmarks/fast_adacov_direction.py --kernel-sizes 3 5 --epochs 3 --out results/fast_adacov_direction_cpu.md
 	$(PY) benchmarks/covariance_storage.py --out results/covariance_storage_cpu.md
@@ -47,6 +66,26 @@ demo-fast: install ## fast vs exact AdaCov on the demo, 10 seeds -> results/demo
 	rm -rf results/demo_fast/runs
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=demo_fast
 	$(PY) plot_curves.py results/demo_fast/runs --out results/demo_fast
+
+# The learning-rate sweep: every optimizer's 5 grid points, then, where the best one lay on an edge of its
+# grid, 2 more beyond that edge (half a decade apart, once); the report picks over all of them.
+TUNE := OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=tune hydra/launcher=joblib hydra.launcher.n_jobs=2
+EXTEND := $(TUNE) tune_trial=0 seed=0,1,2
+
+tune: install ## the lr sweep: 15 optimizers x 5 lrs (+ edges) x 3 seeds x 3x3/5x5 on the demo (~75 min) -> results/tune/
+	rm -rf results/tune/runs
+	$(TUNE)
+	$(EXTEND) optimizer=kfac,tkfac,tekfac model.kernel_size=3,5 optimizer.lr=0.0001,0.0003
+	$(EXTEND) optimizer=ekfac model.kernel_size=3 optimizer.lr=0.0001,0.0003
+	$(EXTEND) optimizer=shampoo model.kernel_size=3,5 optimizer.lr=0.00001,0.00003
+	$(EXTEND) optimizer=eadam model.kernel_size=3,5 optimizer.lr=0.03,0.1
+	$(EXTEND) optimizer=sgd model.kernel_size=5 optimizer.lr=0.0003,0.001
+	$(PY) tune_report.py results/tune/runs --out results/tune
+
+compare: install ## every optimizer at its tuned lr, 3 seeds, 3x3/5x5 on the demo (~30 min) -> results/compare/
+	rm -rf results/compare/runs
+	OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=compare hydra/launcher=joblib hydra.launcher.n_jobs=2
+	$(PY) plot_curves.py results/compare/runs --out results/compare
 
 reproduce: install ## the paper's sweep (18 runs) and its Figure 1 / Table 1 -> $(OUT)
 	$(if $(filter cifar100,$(DATA)),$(PY) -m adacov.data.prepare --root data,)

@@ -3,8 +3,8 @@
     python plot_curves.py RUNS_DIR --out OUT_DIR
     python plot_curves.py --from-wandb ENTITY/PROJECT --out OUT_DIR
 
-Writes figure1.png, figure1.pdf, figure1_walltime.png, table1.md/.csv and final_losses.md/.csv
-into OUT_DIR.
+Writes figure1.png, figure1.pdf, figure1_walltime.png, table1.md/.csv, final_losses.md/.csv and,
+when Adam runs are among them, comparison.md/.csv (time to Adam's final loss) into OUT_DIR.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from pathlib import Path
 
 from adacov.cli import exit_on_run_error
 from adacov.errors import UserError
-from adacov.report import build_final_losses, build_table, final_losses_markdown, load_runs, plot_figure, table_markdown
+from adacov.report import (
+    build_comparison,
+    build_final_losses,
+    build_table,
+    comparison_markdown,
+    final_losses_markdown,
+    load_runs,
+    plot_figure,
+    table_markdown,
+)
 from adacov.report.runs import check_consistent, runs_from_wandb
 
 
@@ -59,7 +68,13 @@ def write_outputs(runs, out: Path, window: int) -> None:
     finals = build_final_losses(runs)
     finals.to_csv(out / "final_losses.csv", index=False)
     (out / "final_losses.md").write_text(final_losses_markdown(finals, header))
-    print(f"wrote {', '.join(p.name for p in sorted(out.glob('figure1*')))}, table1.md/.csv, final_losses.md/.csv to {out}")
+    written = "table1.md/.csv, final_losses.md/.csv"
+    comparison = build_comparison(runs)
+    if not comparison.empty:
+        comparison.to_csv(out / "comparison.csv", index=False)
+        (out / "comparison.md").write_text(comparison_markdown(comparison, header))
+        written += ", comparison.md/.csv"
+    print(f"wrote {', '.join(p.name for p in sorted(out.glob('figure1*')))}, {written} to {out}")
 
 
 if __name__ == "__main__":

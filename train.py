@@ -13,15 +13,17 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from adacov.cli import check_group_choices, exit_on_run_error, rank_overrides
+from adacov.cli import check_group_choices, divergence_ends_only_this_sweep_job, exit_on_run_error, rank_overrides
+from adacov.config import register_resolvers
 from adacov.training import train
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    with exit_on_run_error():
+    with exit_on_run_error(), divergence_ends_only_this_sweep_job():
         return train(cfg)["train_loss"]
 
 

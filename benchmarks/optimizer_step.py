@@ -22,17 +22,46 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adacov import MBF, AdaCov, mbf_param_groups
-from adacov.training.loop import optimizer_state_bytes
+from adacov import EKFAC, KFAC, MBF, TEKFAC, TKFAC, AdaCov, EAdam, kfac_param_groups, mbf_param_groups
+from adacov.training.loop import backward, optimizer_state_bytes
 from bench_report import machine_description, publish
 from models import ConvNet6
+
+
+def _baseline(name: str, **kwargs) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """A pytorch-optimizer class with its config's settings (the baselines extra)."""
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        import pytorch_optimizer
+
+        return getattr(pytorch_optimizer, name)(model.parameters(), **kwargs)
+
+    return make
+
+
+def _kronecker(variant: type[KFAC], damping: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """A K-FAC variant as its config sets it: curvature and inverses every 10 steps, KL clipping."""
+    return lambda m: variant(kfac_param_groups(m), lr=1e-2, damping=damping, curvature_every=10, inverse_every=10, kl_clip=1e-3)
+
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True),
     "adacov": lambda m: AdaCov(m.parameters(), lr=1e-3),
     "adacov_fast": lambda m: AdaCov(m.parameters(), lr=1e-3, basis_refresh_every=10, basis_refresh_warmup=0),
+    "eadam": lambda m: EAdam(m.parameters(), lr=1e-3),
     "mbf": lambda m: MBF(mbf_param_groups(m), lr=3e-3, weight_decay=0.1),
+    "kfac": _kronecker(KFAC, 1e-3),
+    "ekfac": _kronecker(EKFAC, 1e-2),
+    "tkfac": _kronecker(TKFAC, 1e-3),
+    "tekfac": _kronecker(TEKFAC, 1e-2),
+    "soap": _baseline("SOAP", lr=3e-3, betas=(0.95, 0.95), weight_decay=0.0, precondition_frequency=10),
+    "shampoo": _baseline("ScalableShampoo", lr=1e-3, start_preconditioning_step=25, preconditioning_compute_steps=10, graft_type=3),
+    "kron": _baseline("Kron", lr=1e-3),
+    "adahessian": _baseline("AdaHessian", lr=0.15),
+    "sophia": _baseline("SophiaH", lr=0.06, update_period=10),
 }
+CREATE_GRAPH = {"adahessian", "sophia"}  # Hutchinson's Hessian-vector products need the gradient's graph
+DEFAULT = ["adam", "adacov", "adacov_fast", "mbf"]
 
 
 class Timer:
@@ -74,7 +103,7 @@ def time_kernel_size(kernel_size: int, names: list[str], rounds: int, warmup: in
             model, optimizer = runs[name]
             t0 = timer.start()
             optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
+            backward(nn.functional.cross_entropy(model(x), y), create_graph=name in CREATE_GRAPH)
             t1 = timer.start()
             optimizer.step()
             t2 = timer.start()
@@ -92,7 +121,8 @@ def report(results: dict[int, dict[str, tuple]], args: argparse.Namespace, devic
         f"Machine: {machine_description(device)}",
         f"Net: ConvNet6 widths 32-32-64-64-128-128, batch {args.batch}, CIFAR-shaped input; "
         f"{args.rounds} interleaved rounds after {args.warmup} warm-up rounds. adacov_fast = "
-        "AdaCov(basis_refresh_every=10, basis_refresh_warmup=0).",
+        "AdaCov(basis_refresh_every=10, basis_refresh_warmup=0); the K-FAC family with curvature and inverses "
+        "every 10 steps (benchmarks/kfac_cost.py splits their cost); the others as their configs set them.",
         "",
         "| kernel | optimizer | train step median (ms) | vs Adam | train step mean (ms) | vs Adam "
         "| optimizer step median (ms) | optimizer step mean (ms) | optimizer time over Adam's, per Adam step "
@@ -119,7 +149,7 @@ def report(results: dict[int, dict[str, tuple]], args: argparse.Namespace, devic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel-sizes", type=int, nargs="+", default=[3, 5])
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--optimizers", nargs="+", default=DEFAULT, choices=list(OPTIMIZERS), help=f"default: {' '.join(DEFAULT)}")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128)

@@ -13,6 +13,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from adacov.config import register_resolvers
+
+register_resolvers()
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 SMALL_MODEL = ["model.channels=[4,4,8,8,8,8]", "batch_size=32"]
@@ -60,5 +63,5 @@ def wait_for_rows(path: Path, rows: int, process: subprocess.Popen, timeout: flo
     while time.time() < deadline and process.poll() is None:
         if path.is_file() and len(path.read_text().splitlines()) > rows:
             return
-        time.sleep(0.02)
+        time.sleep(0.002)  # the run goes on between polls: keep the window before a signal short
     raise AssertionError(f"{path} did not reach {rows} rows")

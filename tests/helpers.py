@@ -75,6 +75,23 @@ def assert_float32_follows_float64(make_optimizer, n_steps: int) -> None:
         assert relative_difference(a.detach().double().numpy(), b.detach().numpy()) < 1e-3
 
 
+def assert_is_torch_adam_on_a_linear_net(make_optimizer) -> None:
+    """On a float64 linear net, 30 steps of ``make_optimizer(params)`` equal torch's Adam (eps 0, lr 1e-2)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    twin = copy.deepcopy(net)
+    ours, adam = make_optimizer(net.parameters()), torch.optim.Adam(twin.parameters(), lr=1e-2, eps=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        x, y = torch.randn(10, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g)
+        for model, opt in ((net, ours), (twin, adam)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def assert_resume_is_bit_identical(make_optimizer, n_before: int, n_after: int) -> torch.optim.Optimizer:
     """Train ``n_before`` steps, save model and optimizer, go on for ``n_after`` steps; a fresh model and
     optimizer loaded from the save (its constructor given other hyperparameters) must end bit-identical.

@@ -160,3 +160,23 @@ class ReferenceFastAdaCov(ReferenceAdaCov):
                         update[o, j] = (Q @ y).reshape(theta.shape[2:])
             out.append(theta * (1 - self.lr * self.wd) - self.lr * update)
         return out
+
+
+class ReferenceEAdam:
+    """EAdam (Yuan & Gao 2020, Algorithm 1): Adam with ``eps`` added to ``v`` inside the average."""
+
+    def __init__(self, shapes, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.lr, (self.b1, self.b2), self.eps, self.wd, self.t = lr, betas, eps, weight_decay, 0
+        self.m = [np.zeros(s) for s in shapes]
+        self.v = [np.zeros(s) for s in shapes]
+
+    def step(self, params, grads):
+        self.t += 1
+        out = []
+        for i, (theta, g) in enumerate(zip(params, grads)):
+            g = g + self.wd * theta
+            self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
+            self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * g**2 + self.eps
+            m_hat, v_hat = self.m[i] / (1 - self.b1**self.t), self.v[i] / (1 - self.b2**self.t)
+            out.append(theta - self.lr * m_hat / np.sqrt(v_hat))
+        return out

@@ -13,6 +13,7 @@ from adacov import AdaCov
 from adacov.optim.adacov import EXP_AVG_SQ, EXP_COV
 from tests.helpers import (
     assert_float32_follows_float64,
+    assert_is_torch_adam_on_a_linear_net,
     assert_resume_is_bit_identical,
     batches,
     loss_and_backward,
@@ -20,6 +21,8 @@ from tests.helpers import (
     small_convnet,
 )
 from tests.reference import ReferenceAdaCov, relative_difference
+
+pytestmark = pytest.mark.numerics
 
 
 def _shapes(net):
@@ -74,20 +77,7 @@ def test_param_groups_and_weight_decay_match_reference():
 
 def test_diagonal_rule_is_adam_with_eps_inside_the_root():
     """With eps -> 0 both forms of the denominator agree, so AdaCov on a linear net is torch's Adam."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    twin = copy.deepcopy(net)
-    ours = AdaCov(net.parameters(), lr=1e-2, eps=1e-30)
-    adam = torch.optim.Adam(twin.parameters(), lr=1e-2, eps=0.0)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        x, y = torch.randn(10, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g)
-        for model, opt in ((net, ours), (twin, adam)):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    for a, b in zip(net.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert_is_torch_adam_on_a_linear_net(lambda params: AdaCov(params, lr=1e-2, eps=1e-30))
 
 
 def test_diagonal_rule_puts_eps_inside_the_root():

@@ -12,6 +12,8 @@ from adacov.optim import adacov as adacov_module
 from tests.helpers import assert_resume_is_bit_identical, batches, loss_and_backward, run_side_by_side, small_convnet
 from tests.reference import ReferenceFastAdaCov, relative_difference
 
+pytestmark = pytest.mark.numerics
+
 
 def test_refresh_every_step_is_bit_identical_to_the_exact_path():
     net = small_convnet(torch.float32)

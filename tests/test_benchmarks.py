@@ -40,6 +40,8 @@ def test_packed_covariance_matches_the_full_blocks():
         ("profile_step.py", ["--kernel-sizes", "3", "--batch", "4"], "| 3x3 | fast, cached step |"),
         ("fast_adacov_direction.py", ["--kernel-sizes", "3", "--epochs", "2", "--steps-per-epoch", "3", "--batch", "4",
                                       "--every", "2", "--channels", "4", "4", "4", "4", "4", "4"], "| 3x3 | 2 |"),
+        ("kfac_cost.py", ["--kernel-sizes", "3", "--variants", "tekfac", "--rounds", "1", "--batch", "2"], "| 3x3 | tekfac |"),
+        ("ddp_rounding.py", ["--optimizers", "adam", "--kernel-sets", "default"], "| default | adam | float64 |"),
     ],
 )  # fmt: skip
 def test_benchmark_writes_its_report_with_command(tmp_path, script, args, expect):

@@ -33,3 +33,17 @@ def test_data_instantiates(tmp_path, data):
 def test_cifar100_config_points_at_the_data_dir(tmp_path):
     cfg = compose_config(tmp_path, ["data=cifar100"])
     assert cfg.data.root == str(tmp_path / "data") and cfg.data.download is True
+
+
+@pytest.mark.parametrize("optimizer", _options("optimizer"))
+def test_experiments_pick_each_optimizers_learning_rate(tmp_path, optimizer):
+    """compare: the tuned lr for the kernel size; tune: the trial's grid point; plain runs: the paper's lr
+    for Adam and AdaCov, the tuned one for the others."""
+    for k in (3, 5):
+        compare = compose_config(tmp_path, ["experiment=compare", f"optimizer={optimizer}", f"model.kernel_size={k}"])
+        assert compare.optimizer.lr == compare.optimizer.tuned.lr[k]
+        plain = compose_config(tmp_path, [f"optimizer={optimizer}", f"model.kernel_size={k}"])
+        expected = 1e-3 if optimizer in ("adam", "adacov", "adacov_fast") else plain.optimizer.tuned.lr[k]
+        assert plain.optimizer.lr == expected
+    tune = compose_config(tmp_path, ["experiment=tune", f"optimizer={optimizer}", "tune_trial=4"])
+    assert tune.optimizer.lr == tune.optimizer.tune.lr[4] and len(tune.optimizer.tune.lr) == 5

@@ -17,6 +17,7 @@ from adacov.training.checkpoint import CHECKPOINT
 from models.conv6 import ConvNet6
 from tests.conftest import LONG, ROOT, SMALL, cli_env, run_cli, wait_for_rows
 
+
 def start_training(args: list[str], cwd) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -31,6 +32,7 @@ def uninterrupted(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_mid_epoch_checkpoints_and_resume_gives_the_uninterrupted_losses(tmp_path, uninterrupted, signum):
     run_dir = tmp_path / "run"
@@ -55,6 +57,7 @@ def test_signal_mid_epoch_checkpoints_and_resume_gives_the_uninterrupted_losses(
                                   pd.read_csv(run_dir / "epochs.csv")[["epoch", "train_loss", "test_loss"]])
 
 
+@pytest.mark.numerics
 def test_sigkill_after_first_epoch_then_resume_logs_the_uninterrupted_steps(tmp_path, uninterrupted):
     run_dir = tmp_path / "killed"
     process = start_training([*LONG, f"hydra.run.dir={run_dir}"], tmp_path)

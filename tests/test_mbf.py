@@ -22,6 +22,8 @@ from tests.helpers import (
 )
 from tests.reference import ReferenceMBF, relative_difference
 
+pytestmark = pytest.mark.numerics
+
 
 def _spec(net, groups):
     index = {id(p): i for i, p in enumerate(net.parameters())}

@@ -110,3 +110,25 @@ def test_truncated_metrics_and_mismatched_settings_warn_but_plot(tmp_path, capsy
     messages = " ".join(str(w.message) for w in record)
     assert "incomplete rows" in messages and "runs differ in data" in messages
     assert "runs differ in data" in (tmp_path / "out" / "table1.md").read_text()
+
+
+def test_comparison_time_to_adams_final_loss_by_hand(tmp_path):
+    """Loss 4 / step: its 20-step window mean first reaches Adam's final 1.0 at step 13 (4 H_s / s <= 1);
+    an optimizer 2.0 above it never does."""
+    for seed in (0, 1):
+        make_run(tmp_path, "adam", 3, seed, 0.100, final_train_loss=1.0)
+        make_run(tmp_path, "adacov", 3, seed, 0.150, final_train_loss=0.8)
+    make_run(tmp_path, "mbf", 3, 0, 0.120, loss_offset=2.0, final_train_loss=2.5)
+    from adacov.report import build_comparison
+
+    table = build_comparison(load_runs(tmp_path)).set_index("optimizer")
+    window = [np.mean(4.0 / np.arange(max(1, s - 19), s + 1)) for s in range(1, 41)]
+    first = next(s for s, loss in zip(range(1, 41), window) if loss <= 1.0)
+    assert first == 13
+    adacov = table.loc["AdaCov"]
+    assert adacov["target"] == 1.0 and adacov["steps to target"] == first and adacov["reached"] == "2/2"
+    assert adacov["seconds to target"] == pytest.approx(0.150 * (10 * 10 + first - 10))  # 10 slow warm-up steps
+    assert adacov["step time vs Adam"] == pytest.approx(1.5) and adacov["final train loss"] == pytest.approx(0.8)
+    assert np.isnan(table.loc["MBF", "steps to target"]) and table.loc["MBF", "reached"] == "0/1"
+    assert plot_curves.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "Adam's mean final-epoch train loss" in (tmp_path / "out" / "comparison.md").read_text()

@@ -37,6 +37,7 @@ def test_same_seed_gives_same_initial_weights_for_every_optimizer(small_config, 
     assert torch.equal(*weights)
 
 
+@pytest.mark.numerics
 def test_resume_continues_exactly(tmp_path, small_config):
     from tests.conftest import SMALL, compose_config
 

@@ -21,33 +21,75 @@ __all__ = [
 
 # Below this many blocks a thread pool costs more than it saves.
 _MIN_BLOCKS_PER_THREAD = 512
+# A batch that LAPACK fails to decompose is retried in this many parts, down to parts this small,
+# which are decomposed in float64 (_eigh_or_split).
+_RETRY_PARTS = 8
+_FLOAT64_BLOCKS = 64
 
 
 @lru_cache(maxsize=None)
 def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adacov-linalg")
+    """The threads that run every CPU decomposition here; they flush subnormal floats to zero.
+
+    ``torch.set_flush_denormal`` sets the FTZ/DAZ bits of the thread that calls it, so only these
+    threads change. Gradient covariances are of order 1e-10, and LAPACK's products in their
+    decomposition fall below float32's normal range (1.2e-38), where x86 arithmetic is slow and float32
+    ``syevd`` failed to converge on blocks with exactly zero rows: AdaCov's 5x5 step took 1.5 s with
+    subnormals, 0.8 s without (``benchmarks/optimizer_step.py``, 2-core CPU). What is flushed lies 28
+    orders of magnitude below ``cov_eps^2``.
+    """
+    return ThreadPoolExecutor(
+        max_workers=workers,
+        thread_name_prefix="adacov-linalg",
+        initializer=torch.set_flush_denormal,
+        initargs=(True,),
+    )
 
 
 def _batched_in_threads(fn, A: Tensor, out: tuple[Tensor, ...]) -> None:
-    """``fn(A, out=out)`` for a batched LAPACK routine; on CPU the batch is split over threads.
+    """``fn(A, out=out)`` for a batched LAPACK routine; on CPU in ``_pool``, the batch split over its threads.
 
     Hand-written because torch runs batched CPU ``eigh`` / ``cholesky_ex`` on one thread
     (31,840 9x9 blocks: eigh 233 ms with 1 thread, 229 ms with 2), while LAPACK is thread-safe and
     torch releases the GIL, so chunks in a thread pool use every core (eigh: 132 ms on 2 cores).
+    Every CPU batch goes through the pool, whatever its size, so results do not depend on the
+    thread count through the subnormal flush.
     """
-    workers = torch.get_num_threads()
-    if A.device.type != "cpu" or workers < 2 or A.shape[0] < 2 * _MIN_BLOCKS_PER_THREAD:
+    if A.device.type != "cpu":
         fn(A, out=out)
         return
-    chunks = min(workers, A.shape[0] // _MIN_BLOCKS_PER_THREAD)
+    workers = torch.get_num_threads()
+    chunks = max(1, min(workers, A.shape[0] // _MIN_BLOCKS_PER_THREAD))
     parts = zip(A.chunk(chunks), *(o.chunk(chunks) for o in out))
     futures = [_pool(workers).submit(fn, a, out=tuple(o)) for a, *o in parts]
     for future in futures:
         future.result()
 
 
+def _eigh_or_split(A: Tensor, out: tuple[Tensor, Tensor]) -> None:
+    """``torch.linalg.eigh(A, out=out)``; a batch on which LAPACK fails is split and retried part by part.
+
+    LAPACK's float32 ``syevd`` can fail to converge on a few blocks with exactly zero rows (dead ReLU
+    inputs; seen in AdaCov's second step at 5x5). Retrying the whole batch in float64 on one thread
+    doubled that step's time, so the failing batch is split into ``_RETRY_PARTS`` parts, each retried,
+    and only parts of at most ``_FLOAT64_BLOCKS`` blocks that still fail are decomposed in float64.
+    A float64 failure raises ``torch.linalg.LinAlgError``.
+    """
+    try:
+        torch.linalg.eigh(A, out=out)
+    except torch.linalg.LinAlgError:
+        w, Q = out
+        if A.shape[0] <= _FLOAT64_BLOCKS:
+            w64, Q64 = torch.linalg.eigh(A.double())
+            w.copy_(w64)
+            Q.copy_(Q64)
+            return
+        for a, w_part, Q_part in zip(A.chunk(_RETRY_PARTS), w.chunk(_RETRY_PARTS), Q.chunk(_RETRY_PARTS)):
+            _eigh_or_split(a, (w_part, Q_part))
+
+
 def _eigh_into(A: Tensor, w: Tensor, Q: Tensor) -> None:
-    _batched_in_threads(torch.linalg.eigh, A, (w, Q))
+    _batched_in_threads(_eigh_or_split, A, (w, Q))
 
 
 def symmetric_eigh(A: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -60,18 +102,12 @@ def symmetric_eigh(A: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple
 
     Returns:
         ``w`` of shape ``[B, d]`` (ascending) and ``Q`` of shape ``[B, d, d]`` (eigenvectors in
-        columns), in ``A``'s dtype. Blocks whose decomposition fails to converge or comes out
-        non-finite are recomputed in float64; if even that fails, a ``torch.linalg.LinAlgError``
-        names the block count.
+        columns), in ``A``'s dtype. Blocks whose decomposition fails to converge are redone in float64
+        in small groups (``_eigh_or_split``), and blocks that come out non-finite one by one; if float64
+        fails too, ``torch.linalg.LinAlgError`` names the block.
     """
     w, Q = out if out is not None else (A.new_empty(A.shape[:-1]), torch.empty_like(A))
-    try:
-        _eigh_into(A, w, Q)
-    except torch.linalg.LinAlgError:
-        w64, Q64 = torch.linalg.eigh(A.double())
-        w.copy_(w64)
-        Q.copy_(Q64)
-        return w, Q
+    _eigh_into(A, w, Q)
     # NaN and inf survive a sum, so one reduction per block finds them (30x cheaper than isfinite(Q)).
     bad = ~torch.isfinite(w.sum(-1) + Q.sum((-2, -1)))
     if bool(bad.any()):

@@ -21,6 +21,12 @@ def check_nonnegative(name: str, value: float) -> None:
         raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
 
 
+def check_unit_interval(name: str, value: float) -> None:
+    """Reject values outside ``[0, 1)`` (and NaN): decay rates and momenta."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
+
+
 def check_positive_int(name: str, value: int) -> None:
     """Reject anything but an integer ``>= 1``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -33,10 +39,10 @@ def check_nonnegative_int(name: str, value: int) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 0)")
 
 
-def check_betas(betas: Sequence[float]) -> None:
+def check_betas(betas: Sequence[float], name: str = "betas") -> None:
     """Reject betas that are not two numbers in [0, 1)."""
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"Invalid betas: {tuple(betas)} (each must be in [0, 1))")
+        raise ValueError(f"Invalid {name}: {tuple(betas)} (each must be in [0, 1))")
 
 
 def check_dtypes(optimizer: str, params: Iterable[torch.Tensor]) -> None:

@@ -12,8 +12,12 @@ import pandas as pd  # noqa: E402
 
 from adacov.report.runs import Run  # noqa: E402
 
-NAMES = {"adam": "Adam", "adacov": "AdaCov", "adacov_fast": "AdaCov (fast)", "mbf": "MBF", "sgd": "SGD"}
-ORDER = ["adam", "adacov", "adacov_fast", "mbf", "sgd"]
+NAMES = {
+    "adam": "Adam", "adacov": "AdaCov", "adacov_fast": "AdaCov (fast)", "eadam": "EAdam", "mbf": "MBF",
+    "kfac": "K-FAC", "ekfac": "EKFAC", "tkfac": "TKFAC", "tekfac": "TEKFAC", "soap": "SOAP", "shampoo": "Shampoo",
+    "kron": "PSGD-Kron", "adahessian": "AdaHessian", "sophia": "Sophia-H", "sgd": "SGD",
+}  # fmt: skip
+ORDER = list(NAMES)
 
 
 def moving_average(values: pd.Series, window: int = 10) -> pd.Series:
@@ -43,7 +47,7 @@ def plot_figure(runs: list[Run], out: Path, x: str = "epoch", window: int = 10, 
     """Write ``out.{format}``: a panel per kernel size, a line per optimizer (mean, +-1 std band over seeds)."""
     kernels = sorted({r.kernel_size for r in runs})
     optimizers = _ordered({r.optimizer for r in runs})
-    colors = {name: f"C{i}" for i, name in enumerate(optimizers)}
+    colors = {name: plt.get_cmap("tab10" if len(optimizers) <= 10 else "tab20")(i % 20) for i, name in enumerate(optimizers)}
     fig, axes = plt.subplots(1, len(kernels), figsize=(4.6 * len(kernels), 4.2), squeeze=False, sharey=True)
     for ax, k in zip(axes[0], kernels):
         for name in optimizers:

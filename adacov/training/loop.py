@@ -6,20 +6,23 @@ import math
 import resource
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 from torch import nn
 from tqdm import tqdm
 
 from adacov.data import ImageData
 from adacov.errors import NonFiniteLossError, TrainingInterrupted, UserError
-from adacov.optim import MBF, mbf_param_groups
+from adacov.optim import KFAC, MBF, kfac_param_groups, mbf_param_groups
 from adacov.training.checkpoint import load_checkpoint, save_checkpoint
 from adacov.training.distributed import Replicas, start_replicas
 from adacov.training.run_logger import RunLogger, environment
@@ -28,6 +31,9 @@ from adacov.training.stop_signals import StopSignals
 
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_LOSS = ("stop", "skip")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Optimizer-config keys the loop and the experiments read; never passed to the optimizer's constructor.
+LOOP_KEYS = ("create_graph", "tuned", "tune")
 
 
 @dataclass
@@ -68,14 +74,22 @@ class Trainer:
     def __init__(self, cfg: DictConfig, replicas: Replicas, device: torch.device) -> None:
         self.cfg, self.replicas, self.device = cfg, replicas, device
         self.run_dir = Path(cfg.paths.output_dir)
+        self.dtype = DTYPES[cfg.dtype]
         self.data: ImageData = instantiate(cfg.data).to(device)
         if cfg.batch_size > self.data.train_x.shape[0]:
             raise UserError(f"batch_size={cfg.batch_size} is larger than the {self.data.train_x.shape[0]} training images")
         torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights for every optimizer
+        np.random.seed(cfg.seed)  # NumPy's global stream: some optimizers draw from it (Kron's balancing)
         self.model: nn.Module = instantiate(
             cfg.model, in_channels=self.data.channels, image_size=self.data.image_size, num_classes=self.data.num_classes
-        ).to(device)
+        ).to(device=device, dtype=self.dtype)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.create_graph = bool(cfg.optimizer.get("create_graph", False))
+        if self.create_graph and replicas.distributed:
+            raise UserError(
+                f"optimizer={cfg.optimizer_name} needs backward(create_graph=True), which DDP does not support: "
+                "train it in one process"
+            )
         checkpoint = load_checkpoint(self.run_dir, device) if cfg.resume else None
         self.position = Position()
         self.last: dict[str, float] = {}  # the last finished epoch's metrics
@@ -84,10 +98,11 @@ class Trainer:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.position = Position(**checkpoint["position"])
             self.last = checkpoint["last_epoch"]
+            set_rng_state(checkpoint["rng"], device)
         self.net = replicas.wrap(self.model)
         self.steps_per_epoch = self.data.steps_per_epoch(cfg.batch_size)
         self.skip_nonfinite = cfg.nonfinite_loss == "skip"
-        self.mean, self.std = self.data.normalizer()
+        self.mean, self.std = (t.to(self.dtype) for t in self.data.normalizer())
         self.logger = self._open_logger(resumed=checkpoint is not None) if replicas.is_main else None
 
     def run(self) -> dict[str, float]:
@@ -120,12 +135,12 @@ class Trainer:
             steps = StepBuffer(self.replicas, device, self.logger, bar, self.steps_per_epoch)
             batches = self.data.train_batches(cfg.batch_size, generator, skip=position.batch, shard=self.replicas.shard())
             for x, y in batches:
-                inputs = (x.float().div_(255) - self.mean) / self.std
+                inputs = (x.to(self.dtype).div_(255) - self.mean) / self.std
                 steps.timer.start()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(self.net(inputs), y)
                 if not self.skip_nonfinite or all_finite(loss, self.replicas):
-                    loss.backward()
+                    backward(loss, self.create_graph)
                     self.optimizer.step()
                 steps.timer.stop()
                 position.step += 1
@@ -191,6 +206,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "position": asdict(self.position),
                 "last_epoch": self.last,
+                "rng": get_rng_state(self.device),
             }
             save_checkpoint(self.run_dir, state)
 
@@ -220,6 +236,17 @@ class Trainer:
         )
 
 
+def backward(loss: torch.Tensor, create_graph: bool) -> None:
+    """``loss.backward``; with ``create_graph`` (Hessian-vector products) torch warns of a parameter-gradient
+    reference cycle, which ``zero_grad(set_to_none=True)`` breaks at every step, so that warning is muted."""
+    if not create_graph:
+        loss.backward()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+        loss.backward(create_graph=True)
+
+
 def all_finite(loss: torch.Tensor, replicas: Replicas) -> bool:
     """Whether every rank's loss is finite (a host sync: only ``nonfinite_loss=skip`` asks for it)."""
     bad = replicas.sum((~torch.isfinite(loss)).float().reshape(1))
@@ -230,14 +257,16 @@ def all_finite(loss: torch.Tensor, replicas: Replicas) -> bool:
 def evaluate(
     model: nn.Module, data: ImageData, mean: torch.Tensor, std: torch.Tensor, replicas: Replicas, batch_size: int = 1000
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on the test set; each rank evaluates a contiguous share of it."""
+    """Mean cross-entropy and accuracy on the test set; each rank evaluates a contiguous share of it.
+
+    Images are normalized in the dtype of ``mean`` (the run's parameter dtype)."""
     model.eval()
     n = data.test_x.shape[0]
     share = slice(replicas.rank * n // replicas.world_size, (replicas.rank + 1) * n // replicas.world_size)
-    totals = torch.zeros(2, device=data.test_x.device)  # summed loss, correct predictions
+    totals = torch.zeros(2, dtype=torch.float64, device=data.test_x.device)  # summed loss, correct predictions
     for i in range(share.start, share.stop, batch_size):
         x, y = data.test_x[i : min(i + batch_size, share.stop)], data.test_y[i : min(i + batch_size, share.stop)]
-        logits = model((x.float().div_(255) - mean) / std)
+        logits = model((x.to(mean.dtype).div_(255) - mean) / std)
         totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum")
         totals[1] += (logits.argmax(1) == y).sum()
     loss_sum, correct = replicas.sum(totals).tolist()
@@ -245,13 +274,42 @@ def evaluate(
 
 
 def build_optimizer(optimizer_cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Bind the partially instantiated optimizer to the model's parameters (MBF: its mini-block groups)."""
-    factory = instantiate(optimizer_cfg)
-    params = mbf_param_groups(model) if getattr(factory, "func", None) is MBF else model.parameters()
+    """Bind the partially instantiated optimizer to the model's parameters, or to the param groups its
+    class reads off the model (MBF's mini-blocks, the K-FAC family's layers); ``LOOP_KEYS`` are left out."""
+    try:
+        node = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    except InterpolationResolutionError as error:
+        raise UserError(f"optimizer: {str(error).splitlines()[0]}; set optimizer.lr") from None
+    for key in LOOP_KEYS:
+        node.pop(key, None)
+    factory = instantiate(OmegaConf.create(node))
+    optimizer_class = getattr(factory, "func", None)
+    group_builder = next((b for c, b in PARAM_GROUPS.items() if isinstance(optimizer_class, type) and issubclass(optimizer_class, c)), None)
+    params = group_builder(model) if group_builder is not None else model.parameters()
     try:
         return factory(params)
     except ValueError as error:
         raise UserError(f"optimizer: {error}") from error
+
+
+PARAM_GROUPS = {MBF: mbf_param_groups, KFAC: kfac_param_groups}
+
+
+def get_rng_state(device: torch.device) -> dict[str, Any]:
+    """The global random streams a step may draw from: torch's (Hutchinson probes of AdaHessian and Sophia,
+    Kron's preconditioner updates) and NumPy's (Kron's balancing). The data order has its own seeded
+    generator per epoch."""
+    state = {"cpu": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    np.random.set_state(state["numpy"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -262,6 +320,12 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         cause = error.__cause__
         if isinstance(cause, UserError):
             raise cause from None
+        if isinstance(cause, ImportError):
+            target = node.get("_target_", "?")
+            raise UserError(
+                f"{target} cannot be imported: install the optional baselines with pip install -e '.[baselines]' "
+                "(make install does)"
+            ) from None
         if isinstance(cause, (ValueError, TypeError)):
             raise UserError(str(cause)) from None
         raise
@@ -275,6 +339,8 @@ def check_settings(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value!r} is not allowed: use an integer >= 1")
     if cfg.nonfinite_loss not in NONFINITE_LOSS:
         raise UserError(f"nonfinite_loss={cfg.nonfinite_loss!r} is not allowed: use stop or skip")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"dtype={cfg.dtype!r} is not allowed: use one of {', '.join(DTYPES)}")
     if cfg.device not in DEVICES:
         raise UserError(f"device={cfg.device!r} is not allowed: use one of {', '.join(DEVICES)}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
@@ -297,8 +363,29 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The optimizer's state tensors (moments, covariances, bases), without scalars such as ``step``."""
-    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    """The optimizer's state tensors (moments, covariances, bases), without scalars such as ``step``.
+
+    Found also inside lists, dicts and helper objects (SOAP's per-dimension preconditioners are lists,
+    Shampoo's live in ``PreConditioner`` objects); each tensor once.
+    """
+    found: dict[int, torch.Tensor] = {}
+    pending = [v for state in optimizer.state.values() for v in state.values()]
+    seen: set[int] = set()
+    while pending:
+        value = pending.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if torch.is_tensor(value):
+            if value.dim() > 0 and not isinstance(value, nn.Parameter):
+                found[id(value)] = value
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            pending.extend(vars(value).values())
+    return list(found.values())
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

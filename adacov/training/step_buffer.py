@@ -35,8 +35,8 @@ class StepBuffer:
 
     def reduce(self, stop_requested: bool) -> tuple[list[float], bool]:
         """The buffered steps' global-batch losses, and whether any rank asked to stop."""
-        flag = torch.tensor([float(stop_requested)], device=self.device)
-        values = self.replicas.sum(torch.cat([*(loss.float().reshape(1) for loss in self.losses), flag])).tolist()
+        flag = torch.tensor([float(stop_requested)], dtype=torch.float64, device=self.device)
+        values = self.replicas.sum(torch.cat([*(loss.double().reshape(1) for loss in self.losses), flag])).tolist()
         return [v / self.replicas.world_size for v in values[:-1]], values[-1] > 0
 
     def log(self, losses: list[float]) -> None:

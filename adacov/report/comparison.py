@@ -1,0 +1,76 @@
+"""The comparison table: final losses, time to a target train loss (AlgoPerf-style), step time and state size."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from adacov.report.figure import NAMES, _ordered
+from adacov.report.runs import Run
+from adacov.report.table import run_step_time
+
+NOTES = """\
+Target: per kernel size, Adam's mean final-epoch train loss at its tuned lr (the paper's baseline), so
+"time to target" is how long each optimizer takes to reach what Adam ends with (AlgoPerf sets its targets
+from a baseline's result the same way). A run's train loss at a step is the mean of its last epoch's worth
+of step losses (the same window as an epoch's train loss); the first step at which it is at or below the
+target counts. Seconds are summed step times (zero_grad, forward, backward, optimizer step; no evaluation).
+Steps and seconds are medians over the seeds that reach the target; "reached" counts them. The step-time
+ratio divides the median step time by Adam's, and the state is the optimizer state's size, both medians
+over seeds."""
+
+
+def epoch_window_loss(run: Run) -> pd.Series:
+    """Per-step train loss averaged over the last ``steps_per_epoch`` steps (fewer at the start), indexed by step."""
+    window = int(run.info["steps_per_epoch"])
+    return run.metrics.set_index("step")["loss"].rolling(window, min_periods=1).mean()
+
+
+def time_to_target(run: Run, target: float) -> tuple[float, float]:
+    """Steps and summed step seconds until the epoch-window loss first reaches ``target`` (NaN if never)."""
+    reached = epoch_window_loss(run).le(target)
+    if not reached.any():
+        return math.nan, math.nan
+    step = int(reached.idxmax())
+    seconds = float(run.metrics.loc[run.metrics.step <= step, "step_time_s"].sum())
+    return float(step), seconds
+
+
+def build_comparison(runs: list[Run]) -> pd.DataFrame:
+    """One row per (kernel size, optimizer), in the figures' order; empty if there is no Adam run to set targets."""
+    rows = []
+    for k in sorted({r.kernel_size for r in runs}):
+        at_k = [r for r in runs if r.kernel_size == k and not r.epochs.empty]
+        adam = [r for r in at_k if r.optimizer == "adam"]
+        if not adam:
+            continue
+        target = sum(float(r.epochs.train_loss.iloc[-1]) for r in adam) / len(adam)
+        adam_step = pd.Series([run_step_time(r) for r in adam]).median()
+        for name in _ordered({r.optimizer for r in at_k}):
+            group = [r for r in at_k if r.optimizer == name]
+            finals = pd.Series([float(r.epochs.train_loss.iloc[-1]) for r in group])
+            times = pd.DataFrame([time_to_target(r, target) for r in group], columns=["steps", "seconds"]).dropna()
+            rows.append({
+                "kernel": f"{k}x{k}",
+                "optimizer": NAMES.get(name, name),
+                "seeds": len(group),
+                "final train loss": finals.mean(),
+                "± std": finals.std() if len(group) > 1 else math.nan,
+                "test acc": pd.Series([float(r.epochs.test_acc.iloc[-1]) for r in group]).mean(),
+                "target": target,
+                "steps to target": times.steps.median() if len(times) else math.nan,
+                "seconds to target": times.seconds.median() if len(times) else math.nan,
+                "reached": f"{len(times)}/{len(group)}",
+                "step time vs Adam": pd.Series([run_step_time(r) for r in group]).median() / adam_step,
+                "state (MB)": pd.Series([float(r.epochs.optimizer_state_mb.iloc[-1]) for r in group]).median(),
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(table: pd.DataFrame, header: str) -> str:
+    if table.empty:
+        return f"# Comparison\n\n{header}\n\nNo Adam runs: there is no target to compare against.\n"
+    shown = table.astype(object).where(table.notna(), None)
+    body = shown.to_markdown(index=False, floatfmt=".3g", missingval="-")
+    return f"# Comparison\n\n{header}\n\n{body}\n\n{NOTES}\n"
