@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from torch.profiler import record_function
 from torch.utils.weak import WeakIdKeyDictionary
 
+from adacov.optim.adam_update import adam_update_
 from adacov.optim.kronecker import (
     eigenbasis_second_moments,
     kfac_factors,
@@ -330,7 +331,7 @@ class KFAC(torch.optim.Optimizer):
 
     def _factors(self, group: dict, state: dict) -> tuple[Tensor, Tensor]:
         """The bias-corrected factors whose Kronecker product is the layer's curvature (TKFAC: scaled by sqrt(c))."""
-        correction = 1.0 - group["stat_decay"] ** int(state[CURVATURE_UPDATES].item())
+        correction = _correction(group, state)
         factor_in, factor_out = state[FACTOR_IN] / correction, state[FACTOR_OUT] / correction
         if self._trace_restricted:
             traces = float(factor_in.diagonal().sum()) * float(factor_out.diagonal().sum())
@@ -342,15 +343,13 @@ class KFAC(torch.optim.Optimizer):
         """``lambda``; for T(E)KFAC's convolutions ``max(conv_damping * tr(F_hat) / (o i), lambda)``."""
         if not (self._trace_restricted and group["layer"] == CONV2D):
             return group["damping"]
-        correction = 1.0 - group["stat_decay"] ** int(state[CURVATURE_UPDATES].item())
         size = state[FACTOR_IN].shape[0] * state[FACTOR_OUT].shape[0]
-        return max(group["conv_damping"] * float(state[TRACE]) / correction / size, group["damping"])
+        return max(group["conv_damping"] * float(state[TRACE]) / _correction(group, state) / size, group["damping"])
 
     def _direction(self, group: dict, state: dict, grad: Tensor) -> Tensor:
         if not self._eigenbasis:
             return precondition_kronecker(grad, state[INVERSE_IN], state[INVERSE_OUT])
-        correction = 1.0 - group["stat_decay"] ** int(state[CURVATURE_UPDATES].item())
-        return precondition_eigenbasis(grad, state[BASIS_IN], state[BASIS_OUT], state[SCALE] / correction, self._damping(group, state))
+        return precondition_eigenbasis(grad, state[BASIS_IN], state[BASIS_OUT], state[SCALE] / _correction(group, state), self._damping(group, state))
 
     def _apply(self, group: dict, state: dict, direction: Tensor) -> None:
         """``b <- mu b + D``; ``W <- W (1 - lr wd) - lr b`` for the weight and, as the last column, the bias."""
@@ -433,6 +432,11 @@ def kl_clipped(layers: list[tuple[dict, dict, Tensor]], directions: list[Tensor]
     return directions
 
 
+def _correction(group: dict, state: dict) -> float:
+    """``1 - beta^k``, the bias correction of the curvature averages after ``k`` curvature updates."""
+    return 1.0 - group["stat_decay"] ** int(state[CURVATURE_UPDATES].item())
+
+
 def _due(state: dict, every: int) -> bool:
     return (int(state[STEP].item()) - 1) % every == 0
 
@@ -452,19 +456,13 @@ def _mean_over_ranks(stats: list[list[Tensor] | tuple[Tensor, ...]]) -> list[lis
 
 def _adam_step(group: dict, params: list[Tensor], states: dict) -> None:
     """Adam (eps outside the root, decoupled weight decay) for the parameters outside Linear / Conv2d."""
-    (beta1, beta2), eps, lr, wd = group["adam_betas"], group["adam_eps"], group["lr"], group["weight_decay"]
     for p in params:
         state = states[p]
         if not state:
             state.update({STEP: torch.tensor(0.0), EXP_AVG: torch.zeros_like(p), EXP_AVG_SQ: torch.zeros_like(p)})
         state[STEP] += 1
-        t = int(state[STEP].item())
-        state[EXP_AVG].lerp_(p.grad, 1.0 - beta1)
-        state[EXP_AVG_SQ].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
-        denom = (state[EXP_AVG_SQ] / (1.0 - beta2**t)).sqrt_().add_(eps)
-        if wd != 0:
-            p.mul_(1.0 - lr * wd)
-        p.addcdiv_(state[EXP_AVG], denom, value=-lr / (1.0 - beta1**t))
+        adam_update_(p, state[EXP_AVG], state[EXP_AVG_SQ], int(state[STEP].item()), group["lr"], group["adam_betas"],
+                     group["adam_eps"], group["weight_decay"])  # fmt: skip
 
 
 def _validate(h: dict[str, Any]) -> None:

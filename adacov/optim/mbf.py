@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from adacov.optim.adam_update import adam_update_
 from adacov.optim.matrix_functions import cholesky_damped
 from adacov.optim.validation import (
     check_betas,
@@ -189,18 +190,12 @@ class MBF(torch.optim.Optimizer):
         return loss
 
     def _adam_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        beta1, beta2 = group["betas"]
         for p in params:
             state = self.state[p]
-            t = int(state[STEP].item())
             if _warming(state, group):
                 continue
-            state[EXP_AVG].lerp_(p.grad, 1.0 - beta1)
-            state[EXP_AVG_SQ].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
-            t_eff = t - group["warm_start_batches"]
-            denom = (state[EXP_AVG_SQ] / (1.0 - beta2**t_eff)).sqrt_().add_(group["eps"])
-            _decay(p, group)
-            p.addcdiv_(state[EXP_AVG], denom, value=-group["lr"] / (1.0 - beta1**t_eff))
+            t = int(state[STEP].item()) - group["warm_start_batches"]
+            adam_update_(p, state[EXP_AVG], state[EXP_AVG_SQ], t, group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
     def _conv_step(self, jobs: list[tuple[Tensor, dict, dict]]) -> None:
         """Kernel blocks of one size ``d`` over all conv weights: one batched factorization."""

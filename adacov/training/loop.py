@@ -368,7 +368,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     Found also inside lists, dicts and helper objects (SOAP's per-dimension preconditioners are lists,
     Shampoo's live in ``PreConditioner`` objects); each tensor once.
     """
-    found: dict[int, torch.Tensor] = {}
+    found: list[torch.Tensor] = []
     pending = [v for state in optimizer.state.values() for v in state.values()]
     seen: set[int] = set()
     while pending:
@@ -378,14 +378,14 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         seen.add(id(value))
         if torch.is_tensor(value):
             if value.dim() > 0 and not isinstance(value, nn.Parameter):
-                found[id(value)] = value
+                found.append(value)
         elif isinstance(value, (list, tuple)):
             pending.extend(value)
         elif isinstance(value, dict):
             pending.extend(value.values())
         elif hasattr(value, "__dict__") and not isinstance(value, type):
             pending.extend(vars(value).values())
-    return list(found.values())
+    return found
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
