@@ -3,10 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-# make reproduce settings; e.g. `make reproduce EPOCHS=2 DATA=synthetic` for a quick look
-EPOCHS ?= 20
+# make reproduce settings; e.g. `make reproduce EPOCHS=2 DATA=synthetic` for a quick look, or
+# `make reproduce DATA=fashion_mnist RESUME=true` to finish a sweep that was stopped
+EPOCHS ?=
 DATA ?= cifar100
+RESUME ?= false
 OUT ?= $(if $(filter cifar100,$(DATA)),results,results/$(DATA))
+# The paper's sweep for DATA: its experiment config, where its runs go, and its environment
+ifeq ($(DATA),fashion_mnist)
+PAPER_EXPERIMENT := fashion_mnist
+PAPER_RUNS := results/fashion_mnist/runs
+PAPER_ENV := OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true
+else
+PAPER_EXPERIMENT := paper
+PAPER_RUNS := runs/paper/$(DATA)
+PAPER_ENV :=
+endif
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-numerics test-gpu bench demo demo-fast tune compare reproduce data
@@ -54,8 +66,15 @@ bench: install ## the CPU benchmarks (step time vs Adam, K-FAC cost, profile, di
 	$(PY) benchmarks/fast_adacov_direction.py --kernel-sizes 3 5 --epochs 3 --out results/fast_adacov_direction_cpu.md
 	$(PY) benchmarks/covariance_storage.py --out results/covariance_storage_cpu.md
 
-data: install ## download and verify CIFAR-100 into data/ (stops with a message where it cannot)
-	$(PY) -m adacov.data.prepare --root data
+data: install ## get and verify DATA=cifar100|fashion_mnist into data/ (stops with a message where it cannot)
+ifeq ($(DATA),fashion_mnist)
+	@$(PY) -m adacov.data.prepare --dataset fashion_mnist --root data --no-download 2>/dev/null || \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || echo "apt-get failed: trying the official download"; \
+	fi
+endif
+	$(PY) -m adacov.data.prepare --dataset $(DATA) --root data
 
 demo: install ## offline CPU demo on scikit-learn digits -> results/demo/figure1.png, table1.md
 	rm -rf results/demo/runs
@@ -87,7 +106,8 @@ compare: install ## every optimizer at its tuned lr, 3 seeds, 3x3/5x5 on the dem
 	OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=compare hydra/launcher=joblib hydra.launcher.n_jobs=2
 	$(PY) plot_curves.py results/compare/runs --out results/compare
 
-reproduce: install ## the paper's sweep (18 runs) and its Figure 1 / Table 1 -> $(OUT)
-	$(if $(filter cifar100,$(DATA)),$(PY) -m adacov.data.prepare --root data,)
-	$(PY) train.py -m experiment=paper data=$(DATA) epochs=$(EPOCHS)
-	$(PY) plot_curves.py runs/paper/$(DATA) --out $(OUT)
+reproduce: install ## the paper's sweep (CIFAR-100: 18 runs; DATA=fashion_mnist: 24 runs, ~2 h on 2 cores) and its Figure 1 / Table 1 -> $(OUT)
+	$(if $(filter cifar100 fashion_mnist,$(DATA)),$(MAKE) --no-print-directory data DATA=$(DATA),)
+	$(if $(filter true,$(RESUME)),,rm -rf $(PAPER_RUNS))
+	$(PAPER_ENV) $(PY) train.py -m experiment=$(PAPER_EXPERIMENT) data=$(DATA) resume=$(RESUME) $(if $(EPOCHS),epochs=$(EPOCHS))
+	$(PY) plot_curves.py $(PAPER_RUNS) --out $(OUT)

@@ -23,7 +23,7 @@ def test_optimizer_and_model_instantiate(small_config, optimizer, kernel_size):
     assert isinstance(build_optimizer(cfg.optimizer, model), torch.optim.Optimizer)
 
 
-@pytest.mark.parametrize("data", [d for d in _options("data") if d != "cifar100"])
+@pytest.mark.parametrize("data", [d for d in _options("data") if d not in ("cifar100", "fashion_mnist")])
 def test_data_instantiates(tmp_path, data):
     images = instantiate(compose_config(tmp_path, [f"data={data}", *SMALL_MODEL]).data)
     assert images.train_x.dtype == torch.uint8 and images.train_x.dim() == 4
@@ -33,6 +33,15 @@ def test_data_instantiates(tmp_path, data):
 def test_cifar100_config_points_at_the_data_dir(tmp_path):
     cfg = compose_config(tmp_path, ["data=cifar100"])
     assert cfg.data.root == str(tmp_path / "data") and cfg.data.download is True
+
+
+def test_fashion_mnist_config_reads_the_data_dir_and_augments_without_cutting_items(tmp_path):
+    from tests.test_fashion_mnist import make_files
+
+    md5s, _ = make_files(tmp_path / "data" / "fashion-mnist")
+    cfg = compose_config(tmp_path, ["data=fashion_mnist", f"data.system_dir={tmp_path / 'none'}", "data.download=false"])
+    data = instantiate(cfg.data, md5s=md5s)
+    assert data.train_x.shape == (12, 1, 32, 32) and data.augment and data.flip and data.crop_padding == 2
 
 
 @pytest.mark.parametrize("optimizer", _options("optimizer"))

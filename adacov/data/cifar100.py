@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import shutil
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from adacov.data.download import fetch, md5_check
 from adacov.data.image_data import ImageData
 from adacov.errors import DataError
 
@@ -34,19 +32,21 @@ def load_cifar100(
     """The 50,000 / 10,000 CIFAR-100 images ``[N, 3, 32, 32]`` (uint8) with their fine labels.
 
     Looks for ``root/cifar-100-python/{meta,train,test}``; else extracts ``root/cifar-100-python.tar.gz``
-    after checking its md5; else downloads it (if ``download``). A corrupt archive is never extracted.
+    after checking its md5; else downloads it (if ``download``), keeping it only if its md5 is right. A
+    corrupt archive is never extracted.
     """
     root = Path(root)
     folder = root / FOLDER
     if not all((folder / m).is_file() for m in MEMBERS):
         archive = root / ARCHIVE
+        put_it_there = f"put {ARCHIVE} (md5 {md5}) in {root.resolve()}/"
         if not archive.is_file():
             if not download:
-                raise DataError(
-                    f"CIFAR-100 not found: put {ARCHIVE} (md5 {md5}) in {root.resolve()}/ or set data.download=true"
-                )
-            fetch(url, archive, md5)
-        verify_md5(archive, md5)
+                raise DataError(f"CIFAR-100 not found: {put_it_there} or set data.download=true")
+            fetch(url, archive, md5_check(md5), put_it_there)
+        problem = md5_check(md5)(archive)
+        if problem is not None:
+            raise DataError(f"{archive} {problem}; delete it and download again")
         extract(archive, root)
     return ImageData(
         name="cifar100",
@@ -57,30 +57,6 @@ def load_cifar100(
         num_classes=len(_unpickle(folder / "meta")["fine_label_names"]),
         augment=augment,
     )
-
-
-def fetch(url: str, archive: Path, md5: str) -> None:
-    """Download ``url`` to ``archive`` through a temporary file; nothing is left behind on failure."""
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    partial = archive.with_suffix(".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out)
-    except (urllib.error.URLError, OSError) as error:
-        partial.unlink(missing_ok=True)
-        raise DataError(
-            f"could not download {url} ({error}): put {archive.name} (md5 {md5}) in {archive.parent.resolve()}/"
-        ) from error
-    partial.replace(archive)
-
-
-def verify_md5(archive: Path, md5: str) -> None:
-    digest = hashlib.md5()
-    with open(archive, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != md5:
-        raise DataError(f"{archive} is corrupt: md5 {digest.hexdigest()}, expected {md5}; delete it and download again")
 
 
 def extract(archive: Path, root: Path) -> None:
