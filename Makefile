@@ -21,7 +21,7 @@ PAPER_ENV :=
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-numerics test-gpu bench demo demo-fast tune compare reproduce data
+.PHONY: help install test test-numerics test-gpu bench demo demo-fast tune compare report reproduce data
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -91,7 +91,22 @@ demo-fast: install ## fast vs exact AdaCov on the demo, 10 seeds -> results/demo
 TUNE := OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=tune hydra/launcher=joblib hydra.launcher.n_jobs=2
 EXTEND := $(TUNE) tune_trial=0 seed=0,1,2
 
-tune: install ## the lr sweep: 15 optimizers x 5 lrs (+ edges) x 3 seeds x 3x3/5x5 on the demo (~75 min) -> results/tune/
+# Fashion-MNIST's tuned comparison: two single-thread runs side by side (the experiments' joblib launcher);
+# RESUME=true continues a stopped sweep instead of starting it over.
+FASHION_SWEEP = OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m resume=$(RESUME)
+FASHION_TUNE := results/fashion_mnist/tune
+FASHION_COMPARE := results/fashion_mnist/compare
+
+tune: install ## the lr sweep on the demo (~75 min) -> results/tune/; DATA=fashion_mnist: 12 optimizers on Fashion-MNIST (~1 h) -> results/fashion_mnist/tune/
+ifeq ($(DATA),fashion_mnist)
+	$(MAKE) --no-print-directory data DATA=fashion_mnist
+	$(if $(filter true,$(RESUME)),,rm -rf $(FASHION_TUNE)/runs)
+	$(FASHION_SWEEP) experiment=tune_fashion_mnist
+	while ext="$$($(PY) tune_report.py $(FASHION_TUNE)/runs --out $(FASHION_TUNE) --extensions)" && [ -n "$$ext" ]; do \
+		echo "$$ext" | while read -r args; do $(FASHION_SWEEP) experiment=tune_fashion_mnist $$args </dev/null || exit 1; done || exit 1; \
+	done
+	$(PY) tune_report.py $(FASHION_TUNE)/runs --out $(FASHION_TUNE)
+else
 	rm -rf results/tune/runs
 	$(TUNE)
 	$(EXTEND) optimizer=kfac,tkfac,tekfac model.kernel_size=3,5 optimizer.lr=0.0001,0.0003
@@ -100,11 +115,28 @@ tune: install ## the lr sweep: 15 optimizers x 5 lrs (+ edges) x 3 seeds x 3x3/5
 	$(EXTEND) optimizer=eadam model.kernel_size=3,5 optimizer.lr=0.03,0.1
 	$(EXTEND) optimizer=sgd model.kernel_size=5 optimizer.lr=0.0003,0.001
 	$(PY) tune_report.py results/tune/runs --out results/tune
+endif
 
-compare: install ## every optimizer at its tuned lr, 3 seeds, 3x3/5x5 on the demo (~30 min) -> results/compare/
+compare: install ## every optimizer at its tuned lr, seeds 3-5, 3x3/5x5 on the demo (~10 min) -> results/compare/; DATA=fashion_mnist (~2 h) -> results/fashion_mnist/compare/
+ifeq ($(DATA),fashion_mnist)
+	$(MAKE) --no-print-directory data DATA=fashion_mnist
+	$(if $(filter true,$(RESUME)),,rm -rf $(FASHION_COMPARE)/runs)
+	$(FASHION_SWEEP) experiment=compare_fashion_mnist
+	$(PY) plot_curves.py $(FASHION_COMPARE)/runs --out $(FASHION_COMPARE)
+else
 	rm -rf results/compare/runs
 	OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=compare hydra/launcher=joblib hydra.launcher.n_jobs=2
 	$(PY) plot_curves.py results/compare/runs --out results/compare
+endif
+
+report: install ## rebuild every committed figure and table from the recorded runs in results/ (seconds; no training)
+	$(PY) plot_curves.py results/demo/runs --out results/demo
+	$(PY) plot_curves.py results/demo_fast/runs --out results/demo_fast
+	$(PY) tune_report.py results/tune/runs --out results/tune
+	$(PY) plot_curves.py results/compare/runs --out results/compare
+	$(PY) plot_curves.py results/fashion_mnist/runs --out results/fashion_mnist
+	$(PY) tune_report.py $(FASHION_TUNE)/runs --out $(FASHION_TUNE)
+	$(PY) plot_curves.py $(FASHION_COMPARE)/runs --out $(FASHION_COMPARE)
 
 reproduce: install ## the paper's sweep (CIFAR-100: 18 runs; DATA=fashion_mnist: 24 runs, ~2 h on 2 cores) and its Figure 1 / Table 1 -> $(OUT)
 	$(if $(filter cifar100 fashion_mnist,$(DATA)),$(MAKE) --no-print-directory data DATA=$(DATA),)

@@ -4,7 +4,8 @@
     python plot_curves.py --from-wandb ENTITY/PROJECT --out OUT_DIR
 
 Writes figure1.png, figure1.pdf, figure1_walltime.png, table1.md/.csv, final_losses.md/.csv and,
-when Adam runs are among them, comparison.md/.csv (time to Adam's final loss) into OUT_DIR.
+when Adam runs are among them, comparison.md/.csv (time to Adam's final loss) into OUT_DIR. A comparison
+of more than 6 optimizers gets small multiples by family (figure1*) and a ranked dot plot (ranking.png/.pdf).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from adacov.report import (
     plot_figure,
     table_markdown,
 )
+from adacov.report.comparison_figure import plot_comparison, plot_ranking
+from adacov.report.figure import CROWDED
 from adacov.report.runs import check_consistent, runs_from_wandb
 
 
@@ -57,8 +60,13 @@ def write_outputs(runs, out: Path, window: int) -> None:
     setting = f"{first.get('data')}, batch {first.get('batch_size')}, {first.get('device_name')}"
     if problems:
         setting += " (settings differ between runs, see table notes)"
-    plot_figure(runs, out / "figure1", "epoch", window, ("png", "pdf"), title=f"Training loss - {setting}")
-    plot_figure(runs, out / "figure1_walltime", "time", window, ("png",), title=f"Training loss vs time - {setting}")
+    if len({r.optimizer for r in runs}) > CROWDED:
+        plot_comparison(runs, out / "figure1", "epoch", window, ("png", "pdf"), title=f"Training loss - {setting}")
+        plot_comparison(runs, out / "figure1_walltime", "time", window, ("png",), title=f"Training loss vs time - {setting}")
+        plot_ranking(runs, out / "ranking", ("png", "pdf"), title=f"Final train loss and test accuracy - {setting}")
+    else:
+        plot_figure(runs, out / "figure1", "epoch", window, ("png", "pdf"), title=f"Training loss - {setting}")
+        plot_figure(runs, out / "figure1_walltime", "time", window, ("png",), title=f"Training loss vs time - {setting}")
     table = build_table(runs)
     table.to_csv(out / "table1.csv", index=False)
     header = f"Runs: {len(runs)} from `{runs[0].path.parent}`; data {first.get('data')}, batch {first.get('batch_size')}."
@@ -74,7 +82,7 @@ def write_outputs(runs, out: Path, window: int) -> None:
         comparison.to_csv(out / "comparison.csv", index=False)
         (out / "comparison.md").write_text(comparison_markdown(comparison, header))
         written += ", comparison.md/.csv"
-    print(f"wrote {', '.join(p.name for p in sorted(out.glob('figure1*')))}, {written} to {out}")
+    print(f"wrote {', '.join(p.name for p in sorted([*out.glob('figure1*'), *out.glob('ranking*')]))}, {written} to {out}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Writes tune.md (every grid point's mean final train loss, the best lr per optimizer and kernel size),
 tune.csv (one row per run), best_lr.csv, tune.png, and prints the ``tuned:`` block for each
-configs/optimizer/<name>.yaml.
+configs/optimizer/<name>.yaml. With ``--extensions`` it prints only the Hydra overrides that add a grid
+point beyond each best lr on an edge (sweeps placed by ``lr_step``; make tune DATA=fashion_mnist runs them).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from adacov.cli import exit_on_run_error
 from adacov.report.tuning import (
     best_learning_rates,
     config_snippets,
+    edge_extensions,
     load_trials,
     plot_tuning,
     summarize,
@@ -28,11 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Best learning rate per optimizer and kernel size from experiment=tune.")
     parser.add_argument("runs_dir", type=Path, help="the directory experiment=tune wrote its runs into")
     parser.add_argument("--out", type=Path, required=True, help="where the report goes")
+    parser.add_argument("--extensions", action="store_true", help="print the overrides that extend edge grids, and nothing else")
     args = parser.parse_args(argv)
     with exit_on_run_error():
         trials = load_trials(args.runs_dir)
         summary = summarize(trials)
         best = best_learning_rates(summary)
+        if args.extensions:
+            print("\n".join(edge_extensions(trials, best)))
+            return 0
         args.out.mkdir(parents=True, exist_ok=True)
         trials.sort_values(["optimizer", "k", "lr", "seed"]).to_csv(args.out / "tune.csv", index=False)
         best.to_csv(args.out / "best_lr.csv", index=False)

@@ -56,3 +56,23 @@ def test_experiments_pick_each_optimizers_learning_rate(tmp_path, optimizer):
         assert plain.optimizer.lr == expected
     tune = compose_config(tmp_path, ["experiment=tune", f"optimizer={optimizer}", "tune_trial=4"])
     assert tune.optimizer.lr == tune.optimizer.tune.lr[4] and len(tune.optimizer.tune.lr) == 5
+
+
+def test_fashion_mnist_sweeps_place_and_read_their_learning_rates(tmp_path, monkeypatch):
+    """The tuning grid: half-decades around the digits-tuned lr; the finals: the lr the sweep's report picked."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    tune = compose_config(tmp_path, ["experiment=tune_fashion_mnist", "optimizer=kfac", "model.kernel_size=5", "lr_step=-1"])
+    assert tune.optimizer.tuned.lr[5] == 3e-4 and tune.optimizer.lr == 1e-4 and tune.seed == 0
+    assert tune.data._target_.endswith("load_fashion_mnist") and tune.adacov_warmup_steps == 468
+    monkeypatch.chdir(tmp_path)
+    compare = compose_config(tmp_path, ["experiment=compare_fashion_mnist", "optimizer=kfac", "model.kernel_size=5"])
+    with pytest.raises(InterpolationResolutionError, match="best_lr.csv does not exist: run the tuning sweep first"):
+        _ = compare.optimizer.lr
+    table = tmp_path / "results" / "fashion_mnist" / "tune" / "best_lr.csv"
+    table.parent.mkdir(parents=True)
+    table.write_text("optimizer,k,best_lr,mean_train_loss,mean_test_acc,edge\nkfac,5,0.001,0.3,0.9,False\nkfac,3,0.003,0.3,0.9,False\n")
+    assert compare.optimizer.lr == 1e-3
+    other = compose_config(tmp_path, ["experiment=compare_fashion_mnist", "optimizer=soap", "model.kernel_size=5"])
+    with pytest.raises(InterpolationResolutionError, match="has no tuned lr for soap at 5x5"):
+        _ = other.optimizer.lr

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import plot_curves
-from adacov.report import build_final_losses, build_table, load_runs, moving_average
+from adacov.report import accuracy_curve, build_final_losses, build_table, load_runs, moving_average
 
 STEPS_PER_EPOCH = 20
 
@@ -39,6 +39,14 @@ def test_moving_average_by_hand():
     assert smoothed.iloc[0] == 1.0 and smoothed.iloc[1] == 1.5
     assert smoothed.iloc[9] == pytest.approx(5.5)  # mean of 1..10
     assert smoothed.iloc[11] == pytest.approx(7.5)  # mean of 3..12
+
+
+def test_test_accuracy_per_epoch_over_seeds_by_hand(tmp_path):
+    runs = [make_run(tmp_path, "adam", 3, seed, 0.1) for seed in (0, 1)]
+    pd.DataFrame({"epoch": [1, 2], "test_acc": [0.3, 0.6]}).to_csv(runs[1] / "epochs.csv", index=False)
+    acc = accuracy_curve(load_runs(tmp_path)).set_index("epoch")
+    assert acc.loc[1, "mean"] == pytest.approx(0.2) and acc.loc[2, "mean"] == pytest.approx(0.4)  # 0.1/0.3, 0.2/0.6
+    assert acc.loc[2, "std"] == pytest.approx(np.std([0.2, 0.6], ddof=1)) and acc.loc[1, "n"] == 2
 
 
 def test_table_percent_increase_by_hand(tmp_path):
@@ -132,3 +140,32 @@ def test_comparison_time_to_adams_final_loss_by_hand(tmp_path):
     assert np.isnan(table.loc["MBF", "steps to target"]) and table.loc["MBF", "reached"] == "0/1"
     assert plot_curves.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     assert "Adam's mean final-epoch train loss" in (tmp_path / "out" / "comparison.md").read_text()
+
+
+def test_final_metrics_are_mean_and_std_over_seeds_by_hand(tmp_path):
+    from adacov.report.comparison_figure import final_metrics
+
+    for seed, loss in enumerate([0.2, 0.4]):
+        make_run(tmp_path, "kfac", 5, seed, 0.1, final_train_loss=loss)
+    make_run(tmp_path, "adam", 5, 0, 0.1, final_train_loss=0.9)
+    table = final_metrics(load_runs(tmp_path)).set_index("optimizer")
+    assert table.loc["kfac", "loss"] == pytest.approx(0.3) and table.loc["kfac", "loss_std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    assert table.loc["kfac", "acc"] == pytest.approx(0.2) and table.loc["kfac", "seeds"] == 2
+    assert table.loc["adam", "loss_std"] == 0.0 and table.loc["adam", "loss"] == 0.9
+
+
+def test_a_comparison_draws_a_panel_per_family_and_a_ranking(tmp_path, monkeypatch):
+    """More than 6 optimizers: small multiples with one column per family present, and the ranked dot plot."""
+    from adacov.report import comparison_figure
+
+    names = ["adam", "adacov", "adacov_fast", "eadam", "kfac", "ekfac", "soap"]
+    for name in names:
+        for seed in (0, 1):
+            make_run(tmp_path / "runs", name, 3, seed, 0.1, final_train_loss=0.5)
+    panels = []
+    monkeypatch.setattr(comparison_figure, "_save", lambda fig, out, formats: panels.append([ax.get_title() for ax in fig.axes]) or [])
+    assert plot_curves.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    figure, walltime, ranking = panels
+    assert figure == walltime == ["Adam-like and mini-block", "K-FAC family", "Kronecker peers"]
+    assert len(ranking) == 2 and all(title.startswith("3x3 filters") for title in ranking)
+    assert comparison_figure.family_of("tekfac") == "K-FAC family" and comparison_figure.family_of("adam") == "other"

@@ -7,12 +7,32 @@ import math
 import pandas as pd
 
 import tune_report
-from adacov.report.tuning import COLUMNS, best_learning_rates, config_snippets, summarize
+from adacov.report.tuning import COLUMNS, best_learning_rates, config_snippets, edge_extensions, summarize
 from tests.conftest import run_cli
 
 
 def _trials(rows):
     return pd.DataFrame([dict(zip(COLUMNS, r)) for r in rows], columns=COLUMNS)
+
+
+def test_edge_bests_get_one_more_point_beyond_their_edge_grouped_into_multiruns():
+    """Steps -1, 0, 1 around a centre: a best at +1 extends to +2, at -1 to -2, inside stays; all diverged goes down."""
+    rows = []
+    for name, k, losses in [("adam", 3, (0.5, 0.4, 0.3)), ("soap", 3, (0.3, 0.4, 0.5)), ("kfac", 3, (0.5, 0.2, 0.3)),
+                            ("kron", 3, (0.1, 0.4, 0.5)), ("adam", 5, (0.5, 0.4, 0.3))]:
+        rows += [(name, k, 1e-3 * 3.0**step, 0, loss, 0.9, False, step) for step, loss in zip((-1, 0, 1), losses)]
+    rows += [("mbf", 5, 1e-3 * 3.0**step, 0, math.inf, math.nan, True, step) for step in (-1, 0, 1)]
+    rows += [("kron", 3, 1e-3 / 9, 0, 0.05, 0.9, False, -2)]  # kron's first extension is best again: one step further
+    trials = _trials(rows)
+    best = best_learning_rates(summarize(trials))
+    assert edge_extensions(trials, best) == [
+        "optimizer=kron model.kernel_size=3 lr_step=-3",
+        "optimizer=soap model.kernel_size=3 lr_step=-2",
+        "optimizer=adam model.kernel_size=3 lr_step=2",
+        "optimizer=mbf model.kernel_size=5 lr_step=-2",
+        "optimizer=adam model.kernel_size=5 lr_step=2",
+    ]
+    assert "optimizer=kron model.kernel_size=3 lr_step=-3" not in edge_extensions(trials, best, max_step=2)
 
 
 def test_best_lr_has_the_lowest_mean_and_a_diverged_seed_disqualifies():

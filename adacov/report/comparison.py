@@ -17,8 +17,8 @@ from a baseline's result the same way). A run's train loss at a step is the mean
 of step losses (the same window as an epoch's train loss); the first step at which it is at or below the
 target counts. Seconds are summed step times (zero_grad, forward, backward, optimizer step; no evaluation).
 Steps and seconds are medians over the seeds that reach the target; "reached" counts them. The step-time
-ratio divides the median step time by Adam's, and the state is the optimizer state's size, both medians
-over seeds."""
+ratio divides the median step time by Adam's; the peak state is the largest optimizer state (its tensors'
+bytes) at the end of any epoch. Both are medians over seeds; losses and accuracies are mean ± std."""
 
 
 def epoch_window_loss(run: Run) -> pd.Series:
@@ -50,6 +50,7 @@ def build_comparison(runs: list[Run]) -> pd.DataFrame:
         for name in _ordered({r.optimizer for r in at_k}):
             group = [r for r in at_k if r.optimizer == name]
             finals = pd.Series([float(r.epochs.train_loss.iloc[-1]) for r in group])
+            accuracies = pd.Series([float(r.epochs.test_acc.iloc[-1]) for r in group])
             times = pd.DataFrame([time_to_target(r, target) for r in group], columns=["steps", "seconds"]).dropna()
             rows.append({
                 "kernel": f"{k}x{k}",
@@ -57,13 +58,14 @@ def build_comparison(runs: list[Run]) -> pd.DataFrame:
                 "seeds": len(group),
                 "final train loss": finals.mean(),
                 "± std": finals.std() if len(group) > 1 else math.nan,
-                "test acc": pd.Series([float(r.epochs.test_acc.iloc[-1]) for r in group]).mean(),
+                "test acc": accuracies.mean(),
+                "acc ± std": accuracies.std() if len(group) > 1 else math.nan,
                 "target": target,
                 "steps to target": times.steps.median() if len(times) else math.nan,
                 "seconds to target": times.seconds.median() if len(times) else math.nan,
                 "reached": f"{len(times)}/{len(group)}",
                 "step time vs Adam": pd.Series([run_step_time(r) for r in group]).median() / adam_step,
-                "state (MB)": pd.Series([float(r.epochs.optimizer_state_mb.iloc[-1]) for r in group]).median(),
+                "peak state (MB)": pd.Series([float(r.epochs.optimizer_state_mb.max()) for r in group]).median(),
             })  # fmt: skip
     return pd.DataFrame(rows)
 

@@ -18,7 +18,7 @@ NAMES = {
     "kron": "PSGD-Kron", "adahessian": "AdaHessian", "sophia": "Sophia-H", "sgd": "SGD",
 }  # fmt: skip
 ORDER = list(NAMES)
-# Above this many optimizers a figure is a comparison: logarithmic loss axis, one legend beside the panels.
+# Above this many optimizers a figure is a comparison (adacov.report.comparison_figure).
 CROWDED = 6
 
 
@@ -45,19 +45,28 @@ def _ordered(names) -> list[str]:
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
 
+def accuracy_curve(runs: list[Run]) -> pd.DataFrame:
+    """Test accuracy after each epoch over several seeds: columns ``epoch``, ``mean``, ``std``, ``n``."""
+    acc = pd.concat([r.epochs.set_index("epoch")["test_acc"] for r in runs], axis=1)
+    return pd.DataFrame({"mean": acc.mean(axis=1), "std": acc.std(axis=1).fillna(0), "n": acc.count(axis=1)}).reset_index()
+
+
 def plot_figure(runs: list[Run], out: Path, x: str = "epoch", window: int = 10, formats=("png",), title: str = "") -> list[Path]:
     """Write ``out.{format}``: a panel per kernel size, a line per optimizer (mean, +-1 std band over seeds).
 
-    With more than ``CROWDED`` optimizers (the comparison) the loss axis is logarithmic, from half the lowest
-    mean loss to 1.2x the highest starting one, so that one optimizer's early spike does not flatten the
-    others, and one legend beside the panels replaces a legend in each.
+    Against epochs, a second row shows the test accuracy after each epoch (mean, +-1 std bars over seeds),
+    when the runs logged it. For a few optimizers, as in the paper; a comparison of many is drawn by
+    :mod:`adacov.report.comparison_figure`.
     """
     kernels = sorted({r.kernel_size for r in runs})
     optimizers = _ordered({r.optimizer for r in runs})
-    crowded = len(optimizers) > CROWDED
-    colors = {name: plt.get_cmap("tab10" if len(optimizers) <= 10 else "tab20")(i % 20) for i, name in enumerate(optimizers)}
-    fig, axes = plt.subplots(1, len(kernels), figsize=(4.6 * len(kernels), 4.2), squeeze=False, sharey=True)
-    starts, lows, legend = [], [], {}
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(optimizers)}
+    accuracy = x == "epoch" and all("test_acc" in r.epochs for r in runs)
+    rows = 2 if accuracy else 1
+    fig, axes = plt.subplots(
+        rows, len(kernels), figsize=(4.6 * len(kernels), 4.2 + 2.8 * (rows - 1)), squeeze=False, sharey="row",
+        height_ratios=[3, 2][:rows],
+    )  # fmt: skip
     for ax, k in zip(axes[0], kernels):
         for name in optimizers:
             group = [r for r in runs if r.kernel_size == k and r.optimizer == name]
@@ -65,27 +74,20 @@ def plot_figure(runs: list[Run], out: Path, x: str = "epoch", window: int = 10, 
                 continue
             c = curve(group, x, window)
             seeds = len(group)
-            label = NAMES.get(name, name) + (f" (mean ± 1 std, {seeds} seeds)" if seeds > 1 and not crowded else "")
-            (line,) = ax.plot(c[x], c["mean"], color=colors[name], lw=1.2, label=label)
-            legend.setdefault(label, line)
-            starts.append(c["mean"].iloc[0])
-            lows.append(c["mean"].min())
+            label = NAMES.get(name, name) + (f" (mean ± 1 std, {seeds} seeds)" if seeds > 1 else "")
+            ax.plot(c[x], c["mean"], color=colors[name], lw=1.2, label=label)
             if seeds > 1:
                 ax.fill_between(c[x], c["mean"] - c["std"], c["mean"] + c["std"], color=colors[name], alpha=0.25, lw=0)
         ax.set_title(f"{k}x{k} filters")
         ax.set_xlabel("epochs" if x == "epoch" else "training time (s, sum of step times)")
         ax.grid(alpha=0.3)
-        if not crowded:
-            ax.legend()
+        ax.legend()
+    if accuracy:
+        _plot_accuracy(axes[1], runs, kernels, optimizers, colors)
     axes[0][0].set_ylabel(f"training loss (moving average of {window} steps)")
-    if crowded:
-        axes[0][0].set_yscale("log")
-        axes[0][0].set_ylim(0.5 * min(lows), 1.2 * max(starts))
-        fig.legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), title="mean ± 1 std over seeds")
-    else:
-        axes[0][0].set_ylim(bottom=0)
+    axes[0][0].set_ylim(bottom=0)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title + (" (bottom: test accuracy)" if accuracy else ""), fontsize=10)
     fig.tight_layout()
     paths = []
     for fmt in formats:
@@ -94,3 +96,16 @@ def plot_figure(runs: list[Run], out: Path, x: str = "epoch", window: int = 10, 
         paths.append(path)
     plt.close(fig)
     return paths
+
+
+def _plot_accuracy(axes, runs: list[Run], kernels: list[int], optimizers: list[str], colors: dict) -> None:
+    """One panel per kernel size: each optimizer's test accuracy after each epoch, mean with +-1 std bars."""
+    for ax, k in zip(axes, kernels):
+        for name in optimizers:
+            group = [r for r in runs if r.kernel_size == k and r.optimizer == name]
+            if group:
+                acc = accuracy_curve(group)
+                ax.errorbar(acc.epoch, acc["mean"], yerr=acc["std"], color=colors[name], marker="o", ms=3, lw=1.2, capsize=2)
+        ax.set_xlabel("epochs")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy after the epoch")

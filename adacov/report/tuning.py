@@ -16,7 +16,7 @@ from adacov.errors import UserError  # noqa: E402
 from adacov.report.figure import NAMES, _ordered  # noqa: E402
 from adacov.training.run_logger import ENVIRONMENT, EPOCHS  # noqa: E402
 
-COLUMNS = ["optimizer", "k", "lr", "seed", "final_train_loss", "final_test_acc", "diverged"]
+COLUMNS = ["optimizer", "k", "lr", "seed", "final_train_loss", "final_test_acc", "diverged", "lr_step"]
 
 NOTES = """\
 Each cell is the mean final-epoch train loss over the seeds at that learning rate. A run that stopped at a
@@ -39,6 +39,7 @@ def load_trials(root: Path) -> pd.DataFrame:
             "optimizer": info["optimizer"],
             "k": int(info["kernel_size"]),
             "lr": float(info["config"]["optimizer"]["lr"]),
+            "lr_step": info["config"].get("lr_step", math.nan),  # half-decades from a centre lr, where the sweep used them
             "seed": int(info["seed"]),
             "final_train_loss": float(epochs.train_loss.iloc[-1]) if finished else math.inf,
             "final_test_acc": float(epochs.test_acc.iloc[-1]) if finished else math.nan,
@@ -74,6 +75,27 @@ def best_learning_rates(summary: pd.DataFrame) -> pd.DataFrame:
             "edge": best is not None and best.lr in (group.lr.min(), group.lr.max()),
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def edge_extensions(trials: pd.DataFrame, best: pd.DataFrame, max_step: int = 3) -> list[str]:
+    """Hydra overrides for one more grid point beyond every best lr that lies on an edge of its grid.
+
+    For sweeps that place their grid by ``lr_step`` (half-decades from a centre, experiment=tune_fashion_mnist):
+    one line per kernel size and new step, ``optimizer=a,b model.kernel_size=k lr_step=s``, so that each line
+    is one multirun. A grid where every lr diverged is extended downwards. No step goes beyond ``max_step``
+    half-decades from the centre, so that a loop that extends until nothing is left ends, also when resumed.
+    """
+    groups: dict[tuple[int, int], list[str]] = {}
+    for pick in best.itertuples():
+        steps = trials[(trials.optimizer == pick.optimizer) & (trials.k == pick.k)].dropna(subset=["lr_step"])
+        if steps.empty or not (pick.edge or math.isnan(pick.best_lr)):
+            continue
+        at_best = steps[steps.lr == pick.best_lr].lr_step
+        low, high = int(steps.lr_step.min()), int(steps.lr_step.max())
+        step = high + 1 if len(at_best) and int(at_best.iloc[0]) == high and high != low else low - 1
+        if abs(step) <= max_step:
+            groups.setdefault((int(pick.k), step), []).append(pick.optimizer)
+    return [f"optimizer={','.join(names)} model.kernel_size={k} lr_step={step}" for (k, step), names in sorted(groups.items())]
 
 
 def config_snippets(best: pd.DataFrame) -> str:

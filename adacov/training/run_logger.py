@@ -87,7 +87,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(torch.get_num_threads()),
         "cuda": torch.version.cuda,
         "git_commit": commit,
         "command": " ".join(sys.argv),
@@ -183,3 +183,8 @@ def _start_wandb(run_dir: Path, run_info: dict[str, Any], settings: dict[str, An
 def one_line(error: Exception) -> str:
     """The error's message on one line (W&B's network errors span several)."""
     return " ".join(str(error).split())
+
+
+def cpu_name(threads: int) -> str:
+    """How runs name a CPU device: ``CPU (1 thread)``, ``CPU (2 threads)``."""
+    return f"CPU ({threads} thread{'' if threads == 1 else 's'})"

@@ -1,0 +1,155 @@
+"""The comparison's figures: AdaCov against each family in small multiples, and the ranking as a dot plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from adacov.report.figure import NAMES, curve  # noqa: E402
+from adacov.report.runs import Run  # noqa: E402
+
+# The methods AdaCov is compared with, grouped by what their preconditioner is.
+FAMILIES = {
+    "Adam-like and mini-block": ["eadam", "mbf", "sgd"],
+    "K-FAC family": ["kfac", "ekfac", "tkfac", "tekfac"],
+    "Kronecker peers": ["soap", "shampoo", "kron"],
+    "Hessian-based": ["adahessian", "sophia"],
+}
+SUBJECTS = {"adacov": ("#d62728", "-"), "adacov_fast": ("#ff7f0e", "--")}  # drawn on top, in every panel
+REFERENCE = "adam"  # drawn in every panel as the baseline
+MEMBER_COLORS = ["#4c72b0", "#55a868", "#8172b2", "#937860"]
+FAMILY_COLORS = {"Adam-like and mini-block": "#4c72b0", "K-FAC family": "#55a868", "Kronecker peers": "#8172b2", "Hessian-based": "#937860"}
+
+
+def family_of(name: str) -> str:
+    return next((family for family, members in FAMILIES.items() if name in members), "other")
+
+
+def plot_comparison(runs: list[Run], out: Path, x: str = "epoch", window: int = 10, formats=("png",), title: str = "") -> list[Path]:
+    """Write ``out.{format}``: a row per kernel size, a column per family present in ``runs``.
+
+    Each panel draws the family's members (mean over seeds, thin, muted), Adam as a dotted black reference,
+    and AdaCov and fast AdaCov on top (mean and +-1 std band, thick, strong colours). The loss axis is
+    logarithmic and shared, so panels compare across families.
+    """
+    kernels = sorted({r.kernel_size for r in runs})
+    present = {r.optimizer for r in runs}
+    families = [f for f, members in FAMILIES.items() if present & set(members)]
+    others = sorted(present - set(SUBJECTS) - {REFERENCE} - {m for members in FAMILIES.values() for m in members})
+    if others:
+        families.append("other")
+    fig, axes = plt.subplots(
+        len(kernels), len(families), figsize=(3.9 * len(families), 3.3 * len(kernels)), squeeze=False, sharex=True, sharey=True
+    )
+    lows, starts = [], []
+    for row, k in enumerate(kernels):
+        at_k = [r for r in runs if r.kernel_size == k]
+        for col, family in enumerate(families):
+            ax = axes[row][col]
+            members = others if family == "other" else [m for m in FAMILIES[family] if m in present]
+            for i, name in enumerate(members):
+                _draw(ax, at_k, name, x, window, MEMBER_COLORS[i % len(MEMBER_COLORS)], "-", 1.3, band=False, lows=lows, starts=starts)
+            _draw(ax, at_k, REFERENCE, x, window, "#222222", ":", 1.5, band=False, lows=lows, starts=starts)
+            for name, (color, style) in SUBJECTS.items():
+                _draw(ax, at_k, name, x, window, color, style, 2.6, band=True, lows=lows, starts=starts)
+            ax.grid(alpha=0.3, which="both")
+            if row == 0:
+                ax.set_title(family, fontsize=11)
+                ax.legend(fontsize=7.5, loc="upper right")
+            if row == len(kernels) - 1:
+                ax.set_xlabel("epochs" if x == "epoch" else "training time (s, sum of step times)")
+        axes[row][0].set_ylabel(f"{k}x{k} filters: training loss\n(moving average of {window} steps)")
+    axes[0][0].set_yscale("log")
+    if lows:
+        axes[0][0].set_ylim(0.8 * min(lows), 1.25 * max(starts))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, formats)
+
+
+def _draw(ax, runs: list[Run], name: str, x: str, window: int, color: str, style: str, width: float, band: bool, lows, starts) -> None:
+    group = [r for r in runs if r.optimizer == name]
+    if not group:
+        return
+    c = curve(group, x, window)
+    label = NAMES.get(name, name) + (" (reference)" if name == REFERENCE else "")
+    ax.plot(c[x], c["mean"], color=color, ls=style, lw=width, label=label, zorder=3 if band else 2)
+    if band and len(group) > 1:
+        ax.fill_between(c[x], (c["mean"] - c["std"]).clip(lower=1e-6), c["mean"] + c["std"], color=color, alpha=0.18, lw=0, zorder=1)
+    lows.append(c["mean"].min())
+    starts.append(c["mean"].iloc[0])
+
+
+def final_metrics(runs: list[Run]) -> pd.DataFrame:
+    """Per kernel size and optimizer: mean and std over seeds of the last epoch's train loss and test accuracy."""
+    rows = [
+        {"k": r.kernel_size, "optimizer": r.optimizer, "loss": float(r.epochs.train_loss.iloc[-1]), "acc": float(r.epochs.test_acc.iloc[-1])}
+        for r in runs
+        if not r.epochs.empty
+    ]
+    table = pd.DataFrame(rows).groupby(["k", "optimizer"]).agg(
+        loss=("loss", "mean"), loss_std=("loss", "std"), acc=("acc", "mean"), acc_std=("acc", "std"), seeds=("loss", "size")
+    )
+    return table.fillna({"loss_std": 0.0, "acc_std": 0.0}).reset_index()
+
+
+def plot_ranking(runs: list[Run], out: Path, formats=("png",), title: str = "") -> list[Path]:
+    """Write ``out.{format}``: per kernel size, the methods ranked by final train loss (log axis) and, beside it,
+    their test accuracy, as dots with +-1 std bars over seeds; AdaCov and fast AdaCov in their strong colours,
+    the others in their family's colour, Adam's mean as a dotted line."""
+    finals = final_metrics(runs)
+    kernels = sorted(finals.k.unique())
+    height = max(2.6, 0.28 * finals.optimizer.nunique() + 1.0)
+    fig, axes = plt.subplots(len(kernels), 2, figsize=(10, height * len(kernels)), squeeze=False)
+    for row, k in enumerate(kernels):
+        table = finals[finals.k == k].sort_values("loss", ascending=False).reset_index(drop=True)
+        for col, (metric, label) in enumerate((("loss", "final train loss (log scale)"), ("acc", "final test accuracy"))):
+            ax = axes[row][col]
+            for i, r in table.iterrows():
+                color = SUBJECTS[r.optimizer][0] if r.optimizer in SUBJECTS else FAMILY_COLORS.get(family_of(r.optimizer), "#222222")
+                strong = r.optimizer in SUBJECTS
+                ax.errorbar(r[metric], i, xerr=r[f"{metric}_std"], fmt="o", color=color, ms=8 if strong else 5, capsize=2.5, lw=1.4)
+            reference = table[table.optimizer == REFERENCE]
+            if not reference.empty:
+                ax.axvline(float(reference[metric].iloc[0]), color="#222222", ls=":", lw=1.2)
+            ax.set_yticks(range(len(table)))
+            ax.set_yticklabels([NAMES.get(n, n) for n in table.optimizer])
+            for tick, name in zip(ax.get_yticklabels(), table.optimizer):
+                if name in SUBJECTS:
+                    tick.set_color(SUBJECTS[name][0])
+                    tick.set_fontweight("bold")
+            if metric == "loss":
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3, axis="x", which="both")
+            ax.set_title(f"{k}x{k} filters: {'lower' if metric == 'loss' else 'higher'} is better (mean ± 1 std over seeds)", fontsize=9)
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=f) for f, c in FAMILY_COLORS.items() if f in set(finals.optimizer.map(family_of))]
+    handles.append(plt.Line2D([], [], color="#222222", ls=":", label="Adam's mean"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, -0.01))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return _save(fig, out, formats)
+
+
+def _save(fig, out: Path, formats) -> list[Path]:
+    paths = []
+    for fmt in formats:
+        path = out.with_suffix(f".{fmt}")
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+__all__ = ["FAMILIES", "family_of", "final_metrics", "plot_comparison", "plot_ranking"]
