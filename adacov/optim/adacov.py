@@ -11,10 +11,13 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from adacov.optim.base import STEP, BaseOptimizer, lr_value, new_counter, step_grad
 from adacov.optim.matrix_functions import apply_inverse_root, blend_offdiagonal, symmetric_eigh
 from adacov.optim.validation import (
     check_betas,
+    check_bool,
     check_dtypes,
+    check_lr,
     check_nonnegative,
     check_nonnegative_int,
     check_positive,
@@ -23,7 +26,6 @@ from adacov.optim.validation import (
 
 __all__ = ["AdaCov", "STEP", "EXP_AVG", "EXP_AVG_SQ", "EXP_COV", "BASIS", "BASIS_EIG_COV", "BASIS_EIG_DIAG", "update_covariance", "uses_covariance"]
 
-STEP = "step"
 EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
 EXP_COV = "exp_cov"
@@ -42,7 +44,7 @@ def offdiagonal_scale(step: int, offdiag_warmup: float) -> float:
     return 1.0 - 10.0 ** (-step / offdiag_warmup)
 
 
-class AdaCov(torch.optim.Optimizer):
+class AdaCov(BaseOptimizer):
     r"""AdaCov (Stroganoff, "AdaCov: more efficient learning by estimating gradient covariances").
 
     Adam whose diagonal second-moment estimate is replaced, inside each convolution kernel, by a
@@ -62,7 +64,8 @@ class AdaCov(torch.optim.Optimizer):
     A tensor of shape ``[O, I, *kernel]`` (3 or more dims: conv weights of any dimension) holds
     ``O * I`` blocks of size ``d x d``. 1x1 kernels (``d = 1``) take the diagonal rule with
     ``cov_eps`` in place of ``eps``, which is what the block rule reduces to. Weight decay is
-    decoupled (AdamW): ``theta <- theta * (1 - lr * weight_decay)`` before the update.
+    decoupled (AdamW): ``theta <- theta * (1 - lr * weight_decay)`` before the update. ``maximize`` steps
+    along ``-g``: the same steps as minimizing the negated loss.
 
     Fast mode (``basis_refresh_every = T > 1``): the eigenbasis ``Q`` of ``C_s`` is recomputed only
     every ``T`` steps (and every step during the first ``basis_refresh_warmup`` steps). In between,
@@ -79,7 +82,7 @@ class AdaCov(torch.optim.Optimizer):
 
     Args:
         params: tensors or param groups.
-        lr: learning rate ``alpha`` (default 1e-3).
+        lr: learning rate ``alpha``, a float or a 1-element tensor (default 1e-3).
         betas: ``(beta1, beta2)`` of the moment averages (default (0.9, 0.999)).
         eps: ``epsilon`` inside the square root for tensors without blocks (default 1e-8).
         cov_eps: ``epsilon`` for kernel blocks (default 1e-5, the paper's choice).
@@ -90,6 +93,7 @@ class AdaCov(torch.optim.Optimizer):
         basis_refresh_warmup: steps at the start that always refresh (default 390, one CIFAR epoch at
             batch 128: while ``s(t)`` rises from 0 to 0.9 and the average holds few gradients, the
             covariance and its basis change fastest; this is 1/20 of the paper's training).
+        maximize: maximize the objective instead of minimizing it (default False).
 
     State per tensor: ``step``; ``exp_avg`` (m, shaped as the tensor); ``exp_cov`` (``[O*I, d, d]``)
     for kernel blocks or ``exp_avg_sq`` (v) otherwise; in fast mode also ``basis``,
@@ -107,6 +111,8 @@ class AdaCov(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         basis_refresh_every: int = 1,
         basis_refresh_warmup: int = 390,
+        *,
+        maximize: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -117,16 +123,18 @@ class AdaCov(torch.optim.Optimizer):
             weight_decay=weight_decay,
             basis_refresh_every=basis_refresh_every,
             basis_refresh_warmup=basis_refresh_warmup,
+            maximize=maximize,
         )
         _validate(defaults)
         super().__init__(params, defaults)
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        _validate(group)
+        check_dtypes("AdaCov", group["params"])
+
+    def _init_buffers(self) -> None:
         self._workspace = EighWorkspace()
         self._basis_cache = BasisCache()
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        _validate(self.param_groups[-1])
-        check_dtypes("AdaCov", self.param_groups[-1]["params"])
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held now: each state entry summed over tensors, plus the buffers that are not state.
@@ -165,10 +173,10 @@ class AdaCov(torch.optim.Optimizer):
                 state[STEP] += 1
                 if EXP_COV in state:
                     d = state[EXP_COV].shape[-1]
-                    blocks_by_size[(d, p.dtype, p.device)].append((p, p.grad, state, group))
+                    blocks_by_size[(d, p.dtype, p.device)].append((p, step_grad(p, group), state, group))
                 else:
                     eps = group["cov_eps"] if p.dim() >= 3 else group["eps"]
-                    diagonal.append((p, p.grad, state, eps))
+                    diagonal.append((p, step_grad(p, group), state, eps))
             if diagonal:
                 _diagonal_step(group, diagonal)
         for jobs in blocks_by_size.values():
@@ -184,7 +192,7 @@ class AdaCov(torch.optim.Optimizer):
 
 
 def _validate(h: dict[str, Any]) -> None:
-    check_nonnegative("lr", h["lr"])
+    check_lr(h["lr"])
     check_betas(h["betas"])
     check_positive("eps", h["eps"])
     check_positive("cov_eps", h["cov_eps"])
@@ -192,10 +200,11 @@ def _validate(h: dict[str, Any]) -> None:
     check_nonnegative("weight_decay", h["weight_decay"])
     check_positive_int("basis_refresh_every", h["basis_refresh_every"])
     check_nonnegative_int("basis_refresh_warmup", h["basis_refresh_warmup"])
+    check_bool("maximize", h["maximize"])
 
 
 def _init_state(p: Tensor, state: dict[str, Tensor]) -> None:
-    state[STEP] = torch.tensor(0.0)
+    state[STEP] = new_counter(p)
     state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.contiguous_format)
     if uses_covariance(p):
         d = math.prod(p.shape[2:])
@@ -206,7 +215,7 @@ def _init_state(p: Tensor, state: dict[str, Tensor]) -> None:
 
 def _diagonal_step(group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict, float]]) -> None:
     """``theta <- theta * (1 - lr wd) - lr * m_hat / sqrt(v_hat + eps^2)`` for a list of tensors."""
-    lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+    lr, (beta1, beta2), wd = lr_value(group), group["betas"], group["weight_decay"]
     params = [p for p, _, _, _ in items]
     grads = [g for _, g, _, _ in items]
     exp_avgs = [s[EXP_AVG] for _, _, s, _ in items]
@@ -366,7 +375,7 @@ def _scale(state: dict, group: dict) -> float:
 
 def _apply(p: Tensor, direction: Tensor, t: int, group: dict) -> None:
     """``theta <- theta (1 - lr wd) - lr / (1 - beta1^t) * direction``."""
-    lr, wd = group["lr"], group["weight_decay"]
+    lr, wd = lr_value(group), group["weight_decay"]
     if wd != 0:
         p.mul_(1.0 - lr * wd)
     p.add_(direction.view(p.shape), alpha=-lr / (1.0 - group["betas"][0] ** t))

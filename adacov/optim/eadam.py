@@ -8,14 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adacov.optim.validation import check_betas, check_nonnegative, check_positive
+from adacov.optim.base import STEP, BaseOptimizer, lr_value, new_counter
+from adacov.optim.validation import check_betas, check_bool, check_lr, check_nonnegative, check_positive
 
 __all__ = ["EAdam"]
 
-STEP, EXP_AVG, EXP_AVG_SQ = "step", "exp_avg", "exp_avg_sq"
+EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"
 
 
-class EAdam(torch.optim.Optimizer):
+class EAdam(BaseOptimizer):
     r"""EAdam (Yuan & Gao, "EAdam Optimizer: How epsilon Impact Adam", 2020; code:
     yuanwei2019/EAdam-optimizer). With ``t`` the step count (from 1) and ``g`` the gradient:
 
@@ -28,14 +29,15 @@ class EAdam(torch.optim.Optimizer):
     Adam adds ``epsilon`` once, outside the root; EAdam adds it to ``v`` inside the average at every
     step, so it accumulates to about ``epsilon / (1 - beta2)`` (1000 ``epsilon`` for ``beta2 = 0.999``)
     and no ``epsilon`` remains outside the root. The authors' AMSGrad switch is left out: it is not
-    part of the method.
+    part of the method. ``maximize`` steps along ``-g`` (the same steps as minimizing the negated loss).
 
     Args:
         params: tensors or param groups.
-        lr: learning rate ``alpha`` (default 1e-3).
+        lr: learning rate ``alpha``, a float or a 1-element tensor (default 1e-3).
         betas: ``(beta1, beta2)`` (default (0.9, 0.999)).
         eps: ``epsilon`` added to ``v`` every step (default 1e-8, the paper's).
         weight_decay: L2 penalty ``lambda`` added to the gradient (default 0).
+        maximize: maximize the objective instead of minimizing it (default False).
 
     State per tensor: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v, the accumulated epsilon included).
     """
@@ -47,14 +49,15 @@ class EAdam(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         _validate(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        _validate(self.param_groups[-1])
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        _validate(group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -71,7 +74,7 @@ class EAdam(torch.optim.Optimizer):
                 raise RuntimeError("EAdam does not support sparse gradients; use dense gradients")
             for p in params:
                 if not self.state[p]:
-                    self.state[p].update({STEP: torch.tensor(0.0), EXP_AVG: torch.zeros_like(p), EXP_AVG_SQ: torch.zeros_like(p)})
+                    self.state[p].update({STEP: new_counter(p), EXP_AVG: torch.zeros_like(p), EXP_AVG_SQ: torch.zeros_like(p)})
                 self.state[p][STEP] += 1
             _eadam_step(group, params, [self.state[p] for p in params])
         return loss
@@ -79,8 +82,10 @@ class EAdam(torch.optim.Optimizer):
 
 def _eadam_step(group: dict[str, Any], params: list[Tensor], states: list[dict[str, Tensor]]) -> None:
     """The update for one group's tensors, with torch's multi-tensor (``_foreach``) kernels."""
-    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    lr, (beta1, beta2), eps, wd = lr_value(group), group["betas"], group["eps"], group["weight_decay"]
     grads = [p.grad for p in params]
+    if group["maximize"]:
+        grads = torch._foreach_neg(grads)
     if wd != 0:
         grads = torch._foreach_add(grads, params, alpha=wd)
     exp_avgs = [s[EXP_AVG] for s in states]
@@ -96,7 +101,8 @@ def _eadam_step(group: dict[str, Any], params: list[Tensor], states: list[dict[s
 
 
 def _validate(h: dict[str, Any]) -> None:
-    check_nonnegative("lr", h["lr"])
+    check_lr(h["lr"])
     check_betas(h["betas"])
     check_positive("eps", h["eps"])
     check_nonnegative("weight_decay", h["weight_decay"])
+    check_bool("maximize", h["maximize"])

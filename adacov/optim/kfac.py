@@ -15,6 +15,7 @@ from torch.profiler import record_function
 from torch.utils.weak import WeakIdKeyDictionary
 
 from adacov.optim.adam_update import adam_update_
+from adacov.optim.base import STEP, BaseOptimizer, block_grads, lr_value, new_counter, step_grad
 from adacov.optim.kronecker import (
     eigenbasis_second_moments,
     kfac_factors,
@@ -24,9 +25,12 @@ from adacov.optim.kronecker import (
     trace_restricted_factors,
 )
 from adacov.optim.matrix_functions import cholesky_damped, symmetric_eigh
+from adacov.optim.param_groups import with_names
 from adacov.optim.validation import (
     check_betas,
+    check_bool,
     check_dtypes,
+    check_lr,
     check_nonnegative,
     check_positive,
     check_positive_int,
@@ -39,44 +43,43 @@ LINEAR, CONV2D, ADAM = "linear", "conv2d", "adam"
 LAYERS = (LINEAR, CONV2D, ADAM)
 VARIANTS = ("kfac", "ekfac", "tkfac", "tekfac")
 
-STEP, CURVATURE_UPDATES = "step", "curvature_updates"
+CURVATURE_UPDATES = "curvature_updates"
 FACTOR_IN, FACTOR_OUT, TRACE = "factor_in", "factor_out", "trace"  # EMAs of A, G (TKFAC: Phi, Psi, tr F)
 INVERSE_IN, INVERSE_OUT = "inverse_in", "inverse_out"  # K-FAC, TKFAC: damped inverses
 BASIS_IN, BASIS_OUT, SCALE = "basis_in", "basis_out", "scale"  # EKFAC, TEKFAC: eigenbases, EMA of the moments
 MOMENTUM_BUFFER = "momentum_buffer"
 EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"  # Adam's moments for parameters outside Linear / Conv2d
 
-# The last training batch of every layer that kfac_param_groups registered, by weight parameter (identity).
-_CAPTURES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# The last training batch of every layer that kfac_param_groups hooked, by weight parameter (identity).
+_BATCHES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-class LayerCapture:
-    """A module's last training-mode inputs and the gradient of the loss with respect to its outputs.
+class LayerBatch:
+    """A layer's last training-mode inputs and the gradient of the loss with respect to its outputs."""
 
-    The forward hook keeps a reference to the input (autograd keeps it anyway) and puts a hook on the
-    output tensor, which receives the gradient with respect to the output itself, also when a later
-    ``ReLU(inplace=True)`` overwrites it.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.inputs: Tensor | None = None
+    def __init__(self, inputs: Tensor) -> None:
+        self.inputs = inputs
         self.output_grads: Tensor | None = None
-        self._handle = module.register_forward_hook(self._forward)
 
-    def _forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if module.training and torch.is_grad_enabled() and output.requires_grad:
-            self.inputs = args[0].detach()
-            self.output_grads = None
-            output.register_hook(self._backward)
-
-    def _backward(self, grad: Tensor) -> None:
+    def record_output_grads(self, grad: Tensor) -> None:
         self.output_grads = grad.detach()
 
-    def remove(self) -> None:
-        self._handle.remove()
+
+def record_batch(module: nn.Module, args: tuple, output: Tensor) -> None:
+    """The forward hook of every layer that :func:`kfac_param_groups` claims: keeps the layer's input under its
+    weight (autograd keeps it anyway) and puts a hook on the output tensor, which receives the gradient with
+    respect to the output itself, also when a later ``ReLU(inplace=True)`` overwrites it.
+
+    A module-level function, so that ``copy.deepcopy`` and ``pickle`` of a model keep the hook, and the copy
+    records its batches under its own weight.
+    """
+    if module.training and torch.is_grad_enabled() and output.requires_grad and module.weight.requires_grad:
+        batch = LayerBatch(args[0].detach())
+        _BATCHES[module.weight] = batch
+        output.register_hook(batch.record_output_grads)
 
 
-def kfac_param_groups(model: nn.Module) -> list[dict[str, Any]]:
+def kfac_param_groups(model: nn.Module, named: bool = False) -> list[dict[str, Any]]:
     """Param groups of the K-FAC family, one per layer, with hooks that record each layer's batch.
 
     - ``Linear``: ``[weight, bias]``, ``layer="linear"``;
@@ -84,11 +87,16 @@ def kfac_param_groups(model: nn.Module) -> list[dict[str, Any]]:
       and the geometry (``kernel_size``, ``stride``, ``padding``, ``dilation``) that unfolds its patches;
     - every other parameter (normalization, other convolutions, ...): ``layer="adam"``, Adam's direction.
 
-    Calling it again for the same model replaces the hooks.
+    Frozen tensors (``requires_grad=False``) are left out: a layer with a frozen bias is a layer without one,
+    the bias of a frozen weight takes Adam's direction. Build the groups again after unfreezing. Each layer's
+    hook is added once (calling it again, or on a copy of the model, adds none). ``named=True`` gives each
+    tensor as ``(name, tensor)``, as ``model.named_parameters()`` does.
     """
     groups: list[dict[str, Any]] = []
     claimed: set[int] = set()
     for module in model.modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or not module.weight.requires_grad:
+            continue
         if isinstance(module, nn.Linear):
             group: dict[str, Any] = {"layer": LINEAR}
         elif (
@@ -106,19 +114,18 @@ def kfac_param_groups(model: nn.Module) -> list[dict[str, Any]]:
             }
         else:
             continue
-        params = [module.weight] + ([module.bias] if module.bias is not None else [])
+        params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
         groups.append({"params": params, **group})
         claimed.update(id(p) for p in params)
-        if module.weight in _CAPTURES:
-            _CAPTURES[module.weight].remove()
-        _CAPTURES[module.weight] = LayerCapture(module)
-    rest = [p for p in model.parameters() if id(p) not in claimed]
+        if record_batch not in module._forward_hooks.values():
+            module.register_forward_hook(record_batch)
+    rest = [p for p in model.parameters() if id(p) not in claimed and p.requires_grad]
     if rest:
         groups.append({"params": rest, "layer": ADAM})
-    return groups
+    return with_names(groups, model) if named else groups
 
 
-class KFAC(torch.optim.Optimizer):
+class KFAC(BaseOptimizer):
     r"""Kronecker-factored natural gradient for ``Linear`` and ``Conv2d`` layers, in four variants.
 
     For a layer with weight matrix ``W`` ``[o, i]`` (bias as the last column; a convolution reshaped to
@@ -173,14 +180,17 @@ class KFAC(torch.optim.Optimizer):
     - parameters outside ``Linear`` / ``Conv2d`` (a param group with ``layer="adam"``) take Adam's
       direction with ``adam_betas`` and ``adam_eps`` and the group's ``lr``;
     - under ``torch.distributed`` the batch statistics are averaged over the ranks, so every rank holds the
-      statistics of the global batch.
+      statistics of the global batch;
+    - a layer steps when its weight and bias have gradients; a layer with only some of them is a ValueError.
+      ``maximize`` descends ``-grad`` with the same curvature (the factors are quadratic in the output
+      gradients): the same steps as minimizing the negated loss.
 
     Use ``KFAC(kfac_param_groups(model), ...)`` (or ``EKFAC``, ``TKFAC``, ``TEKFAC``): the hooks record each
     layer's batch; one forward and one backward per step.
 
     Args:
         params: param groups from :func:`kfac_param_groups`.
-        lr: learning rate ``alpha`` (default 1e-2).
+        lr: learning rate ``alpha``, a float or a 1-element tensor (default 1e-2).
         momentum: ``mu`` (default 0.9).
         stat_decay: ``beta`` of the curvature averages (default 0.95).
         damping: Tikhonov ``lambda`` (default 1e-3).
@@ -191,9 +201,11 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: if set, each step's directions are scaled by ``min(1, sqrt(kl_clip / sum lr^2 <D, g>))``, the
             KL-divergence clipping of Ba et al. (2017) that practical K-FAC codes use (default None: off).
         adam_betas, adam_eps: Adam's settings for ``layer="adam"`` groups (default (0.9, 0.999), 1e-8).
+        maximize: maximize the objective instead of minimizing it (default False).
     """
 
     variant = "kfac"
+    counters = (STEP, CURVATURE_UPDATES)
 
     def __init__(
         self,
@@ -209,6 +221,8 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: float | None = None,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        *,
+        maximize: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -222,15 +236,17 @@ class KFAC(torch.optim.Optimizer):
             kl_clip=kl_clip,
             adam_betas=adam_betas,
             adam_eps=adam_eps,
+            maximize=maximize,
         )
         _validate(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "layer" not in param_group:
-            raise ValueError(f"{type(self).__name__} needs the param groups of kfac_param_groups(model), which record each layer's batch")
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        if "layer" not in group:
+            raise ValueError(
+                f"Invalid param group: no 'layer' key ({type(self).__name__} needs the param groups of "
+                "kfac_param_groups(model), which record each layer's batch)"
+            )
         _validate(group)
         check_dtypes(type(self).__name__, group["params"])
         if group["layer"] not in LAYERS:
@@ -253,20 +269,21 @@ class KFAC(torch.optim.Optimizer):
                 loss = closure()
         layers: list[tuple[dict, dict, Tensor]] = []  # (group, state, gradient matrix)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if any(p.grad.is_sparse for p in params):
+            if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use dense gradients")
             if group["layer"] == ADAM:
-                _adam_step(group, params, self.state)
+                _adam_step(group, [p for p in group["params"] if p.grad is not None], self.state)
                 continue
-            state = self.state[group["params"][0]]
+            grads = block_grads(type(self).__name__, group, "kfac_param_groups")
+            if grads is None:
+                continue
+            weight = group["params"][0]
+            state = self.state[weight]
             if not state:
-                state[STEP] = torch.tensor(0.0)
-                state[CURVATURE_UPDATES] = torch.tensor(0.0)
+                state[STEP] = new_counter(weight)
+                state[CURVATURE_UPDATES] = new_counter(weight)
             state[STEP] += 1
-            layers.append((group, state, gradient_matrix(group)))
+            layers.append((group, state, gradient_matrix(grads)))
         curvature = [(g, s, m) for g, s, m in layers if _due(s, g["curvature_every"])]
         with record_function("kfac::curvature"):
             batches = {id(s): layer_batch(g) for g, s, _ in curvature}
@@ -363,8 +380,8 @@ class KFAC(torch.optim.Optimizer):
             if p is None:
                 continue
             if group["weight_decay"] != 0:
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
-            p.add_(update.reshape(p.shape), alpha=-group["lr"])
+                p.mul_(1.0 - lr_value(group) * group["weight_decay"])
+            p.add_(update.reshape(p.shape), alpha=-lr_value(group))
 
 
 class EKFAC(KFAC):
@@ -385,24 +402,25 @@ class TEKFAC(KFAC):
     variant = "tekfac"
 
 
-def gradient_matrix(group: dict) -> Tensor:
-    """The layer's gradient as ``[o, i]``: the weight's gradient reshaped, the bias's as the last column."""
-    weight = group["params"][0]
-    grad = weight.grad.reshape(weight.shape[0], -1)
-    if len(group["params"]) > 1:
-        grad = torch.cat([grad, group["params"][1].grad.unsqueeze(1)], 1)
+def gradient_matrix(grads: list[Tensor]) -> Tensor:
+    """The layer's gradient as ``[o, i]`` from ``[weight's, bias's]``: the weight's reshaped, the bias's (if
+    any) as the last column."""
+    grad = grads[0].reshape(grads[0].shape[0], -1)
+    if len(grads) > 1:
+        grad = torch.cat([grad, grads[1].unsqueeze(1)], 1)
     return grad
 
 
 def layer_batch(group: dict) -> tuple[Tensor, Tensor]:
     """``(a, e)`` of the layer's last batch: inputs ``[N, T, i]`` (ones appended for a bias) and per-sample
     output gradients ``[N, T, o]`` (``N`` times autograd's, for a mean loss)."""
-    weight = group["params"][0]
-    capture = _CAPTURES.get(weight)
-    if capture is None or capture.inputs is None or capture.output_grads is None:
-        raise RuntimeError("no batch recorded for a layer: build the optimizer from kfac_param_groups(model), and run "
-                           "one forward and backward in training mode before each step")  # fmt: skip
-    x, grad_out = capture.inputs, capture.output_grads
+    batch = _BATCHES.get(group["params"][0])
+    if batch is None or batch.output_grads is None:
+        raise ValueError(
+            f"Invalid step: no batch recorded for a {group['layer']} layer (the K-FAC family needs the groups of "
+            "kfac_param_groups(model), and one forward in training mode and one backward before each step)"
+        )
+    x, grad_out = batch.inputs, batch.output_grads
     n = x.shape[0]
     if group["layer"] == CONV2D:
         patches = F.unfold(x, group["kernel_size"], dilation=group["dilation"], padding=group["padding"], stride=group["stride"])
@@ -425,7 +443,7 @@ def kl_clipped(layers: list[tuple[dict, dict, Tensor]], directions: list[Tensor]
             by_clip[group["kl_clip"]].append(index)
     directions = list(directions)
     for clip, indices in by_clip.items():
-        quadratic = sum(float((directions[i] * layers[i][2]).sum()) * layers[i][0]["lr"] ** 2 for i in indices)
+        quadratic = sum(float((directions[i] * layers[i][2]).sum()) * lr_value(layers[i][0]) ** 2 for i in indices)
         nu = min(1.0, math.sqrt(clip / quadratic)) if quadratic > 0 else 1.0
         for i in indices:
             directions[i] = directions[i] * nu
@@ -459,14 +477,15 @@ def _adam_step(group: dict, params: list[Tensor], states: dict) -> None:
     for p in params:
         state = states[p]
         if not state:
-            state.update({STEP: torch.tensor(0.0), EXP_AVG: torch.zeros_like(p), EXP_AVG_SQ: torch.zeros_like(p)})
+            state.update({STEP: new_counter(p), EXP_AVG: torch.zeros_like(p), EXP_AVG_SQ: torch.zeros_like(p)})
         state[STEP] += 1
-        adam_update_(p, state[EXP_AVG], state[EXP_AVG_SQ], int(state[STEP].item()), group["lr"], group["adam_betas"],
+        t, lr = int(state[STEP].item()), lr_value(group)
+        adam_update_(p, step_grad(p, group), state[EXP_AVG], state[EXP_AVG_SQ], t, lr, group["adam_betas"],
                      group["adam_eps"], group["weight_decay"])  # fmt: skip
 
 
 def _validate(h: dict[str, Any]) -> None:
-    check_nonnegative("lr", h["lr"])
+    check_lr(h["lr"])
     check_unit_interval("momentum", h["momentum"])
     check_unit_interval("stat_decay", h["stat_decay"])
     check_positive("damping", h["damping"])
@@ -478,3 +497,4 @@ def _validate(h: dict[str, Any]) -> None:
         check_positive("kl_clip", h["kl_clip"])
     check_betas(h["adam_betas"], "adam_betas")
     check_positive("adam_eps", h["adam_eps"])
+    check_bool("maximize", h["maximize"])

@@ -14,10 +14,14 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from adacov.optim.adam_update import adam_update_
+from adacov.optim.base import STEP, BaseOptimizer, block_grads, lr_value, new_counter, step_grad
 from adacov.optim.matrix_functions import cholesky_damped
+from adacov.optim.param_groups import with_names
 from adacov.optim.validation import (
     check_betas,
+    check_bool,
     check_dtypes,
+    check_lr,
     check_nonnegative,
     check_nonnegative_int,
     check_positive,
@@ -32,11 +36,11 @@ SHARED_ROWS = "shared_rows"  # one block for all neurons: the average of their o
 ADAM = "adam"  # the Adam direction (biases of convolutions, normalization, anything unpaired)
 BLOCKS = (CONV, ROWS, SHARED_ROWS, ADAM)
 
-STEP, EXP_AVG, EXP_AVG_SQ = "step", "exp_avg", "exp_avg_sq"
+EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"
 FISHER, FACTOR, CURVATURE_UPDATES = "fisher", "factor", "curvature_updates"
 
 
-def mbf_param_groups(model: nn.Module, max_block_size: int = 256) -> list[dict[str, Any]]:
+def mbf_param_groups(model: nn.Module, max_block_size: int = 256, named: bool = False) -> list[dict[str, Any]]:
     """Param groups of MBF's mini-blocks, read off the module structure.
 
     - ``Conv{1,2,3}d`` weights: ``CONV``; their biases: ``ADAM``.
@@ -44,26 +48,32 @@ def mbf_param_groups(model: nn.Module, max_block_size: int = 256) -> list[dict[s
       ``SHARED_ROWS`` when ``n_in + 1 > max_block_size``. The default 256 bounds the curvature and
       factor of a per-neuron layer by ``2 * n_out * 257^2`` floats (26 MB for 100 classes).
     - Every other parameter (normalization, embeddings, ...): ``ADAM``.
+
+    Frozen tensors (``requires_grad=False``) are left out: a linear layer with a frozen bias has blocks of
+    size ``n_in``, the bias of a frozen weight takes ``ADAM``. Build the groups again after unfreezing.
+    ``named=True`` gives each tensor as ``(name, tensor)``, as ``model.named_parameters()`` does.
     """
     check_positive_int("max_block_size", max_block_size)
     groups: list[dict[str, Any]] = []
     claimed: set[int] = set()
     for module in model.modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            groups.append({"params": [module.weight], "block": CONV})
-            claimed.add(id(module.weight))
-        elif isinstance(module, nn.Linear):
-            params = [module.weight] + ([module.bias] if module.bias is not None else [])
-            size = module.in_features + (module.bias is not None)
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or not module.weight.requires_grad:
+            continue
+        if isinstance(module, nn.Linear):
+            params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
+            size = module.in_features + len(params) - 1
             groups.append({"params": params, "block": ROWS if size <= max_block_size else SHARED_ROWS})
-            claimed.update(id(p) for p in params)
-    rest = [p for p in model.parameters() if id(p) not in claimed]
+        else:
+            params = [module.weight]
+            groups.append({"params": params, "block": CONV})
+        claimed.update(id(p) for p in params)
+    rest = [p for p in model.parameters() if id(p) not in claimed and p.requires_grad]
     if rest:
         groups.append({"params": rest, "block": ADAM})
-    return groups
+    return with_names(groups, model) if named else groups
 
 
-class MBF(torch.optim.Optimizer):
+class MBF(BaseOptimizer):
     r"""Mini-Block Fisher: a block-diagonal empirical Fisher with small blocks, damped and inverted.
 
     Per block with gradient sub-vector ``g`` (``t`` steps, ``k`` curvature updates so far):
@@ -91,6 +101,10 @@ class MBF(torch.optim.Optimizer):
     - ``adam``: ``m_hat / (sqrt(v_hat) + eps)``, Adam's direction, as the paper does for the
       parameters of normalization layers.
 
+    A block steps when its tensors have gradients; a ``rows`` block with a gradient for its weight but not
+    its bias (or the reverse) is a ValueError. ``maximize`` steps along ``-g``: the same steps as minimizing
+    the negated loss.
+
     Choices the paper leaves open (its formulas were lost in extraction; these follow its text):
 
     - momentum and curvature are exponential averages with Adam's bias corrections; the curvature's
@@ -105,7 +119,7 @@ class MBF(torch.optim.Optimizer):
 
     Args:
         params: tensors or param groups (use :func:`mbf_param_groups` for a model).
-        lr: learning rate (default 3e-5, the paper's best on CIFAR-100, Table 8).
+        lr: learning rate, a float or a 1-element tensor (default 3e-5, the paper's best on CIFAR-100, Table 8).
         betas: ``(beta1, beta2)`` for the momentum and the curvature averages (default (0.9, 0.999)).
         damping: ``lambda`` added to every block (default 3e-3, the paper's value).
         eps: Adam's epsilon for ``adam`` blocks (default 1e-8).
@@ -113,7 +127,10 @@ class MBF(torch.optim.Optimizer):
         curvature_every: steps between curvature updates (default 1).
         inverse_every: steps between factorizations (default 10).
         warm_start_batches: steps spent estimating the curvature before moving (default 0).
+        maximize: maximize the objective instead of minimizing it (default False).
     """
+
+    counters = (STEP, CURVATURE_UPDATES)
 
     def __init__(
         self,
@@ -126,6 +143,8 @@ class MBF(torch.optim.Optimizer):
         curvature_every: int = 1,
         inverse_every: int = 10,
         warm_start_batches: int = 0,
+        *,
+        maximize: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -136,27 +155,34 @@ class MBF(torch.optim.Optimizer):
             curvature_every=curvature_every,
             inverse_every=inverse_every,
             warm_start_batches=warm_start_batches,
+            maximize=maximize,
         )
         _validate(defaults)
         super().__init__(params, defaults)
-        self._warned = False
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "block" not in param_group:
-            params = param_group["params"]
-            params = [params] if isinstance(params, Tensor) else list(params)
-            if len(params) > 1 and len({p.dim() for p in params}) > 1:
-                raise ValueError("a param group without 'block' must hold tensors of one rank; use mbf_param_groups(model)")
-            dim = params[0].dim() if params else 1
-            param_group = {**param_group, "params": params, "block": CONV if dim >= 3 else ROWS if dim == 2 else ADAM}
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        params = group["params"]
+        if "block" not in group:
+            ranks = sorted({p.dim() for p in params})
+            if len(ranks) > 1:
+                raise ValueError(
+                    f"Invalid param group: tensors of ranks {ranks} without a 'block' key "
+                    "(MBF needs its blocks grouped: use MBF(mbf_param_groups(model)))"
+                )
+            rank = ranks[0] if ranks else 1
+            group["block"] = CONV if rank >= 3 else ROWS if rank == 2 else ADAM
         _validate(group)
-        check_dtypes("MBF", group["params"])
+        check_dtypes("MBF", params)
         if group["block"] not in BLOCKS:
             raise ValueError(f"Invalid block: {group['block']!r} (use one of {', '.join(BLOCKS)})")
-        if group["block"] in (ROWS, SHARED_ROWS) and group["params"] and group["params"][0].dim() != 2:
-            raise ValueError("a 'rows' group holds [weight] or [weight, bias] of a linear layer")
+        if group["block"] in (ROWS, SHARED_ROWS) and params and not _is_linear_layer(params):
+            raise ValueError(
+                f"Invalid {group['block']!r} group: tensors of shapes {[tuple(p.shape) for p in params]} "
+                "(it holds [weight] or [weight, bias] of one linear layer: use mbf_param_groups(model))"
+            )
+
+    def _init_buffers(self) -> None:
+        self._warned = False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -165,12 +191,17 @@ class MBF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        conv_jobs: dict[tuple, list[tuple[Tensor, dict, dict]]] = defaultdict(list)
+        conv_jobs: dict[tuple, list[tuple[Tensor, Tensor, dict, dict]]] = defaultdict(list)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            if group["block"] in (ROWS, SHARED_ROWS):
+                grads = block_grads("MBF", group, "mbf_param_groups") or []
+                params = group["params"] if grads else []
+            else:
+                params = [p for p in group["params"] if p.grad is not None]
+                grads = [step_grad(p, group) for p in params]
             if not params:
                 continue
-            if any(p.grad.is_sparse for p in params):
+            if any(g.is_sparse for g in grads):
                 raise RuntimeError("MBF does not support sparse gradients; use dense gradients")
             for p in params:
                 state = self.state[p]
@@ -178,32 +209,33 @@ class MBF(torch.optim.Optimizer):
                     _init_state(p, state, group)
                 state[STEP] += 1
             if group["block"] == ADAM:
-                self._adam_step(group, params)
+                self._adam_step(group, params, grads)
             elif group["block"] == CONV:
-                for p in params:
+                for p, grad in zip(params, grads):
                     d = self.state[p][FISHER].shape[-1]
-                    conv_jobs[(d, p.dtype, p.device)].append((p, self.state[p], group))
+                    conv_jobs[(d, p.dtype, p.device)].append((p, grad, self.state[p], group))
             else:
-                self._rows_step(group, params)
+                self._rows_step(group, params, grads)
         for jobs in conv_jobs.values():
             self._conv_step(jobs)
         return loss
 
-    def _adam_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for p in params:
+    def _adam_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        for p, grad in zip(params, grads):
             state = self.state[p]
             if _warming(state, group):
                 continue
             t = int(state[STEP].item()) - group["warm_start_batches"]
-            adam_update_(p, state[EXP_AVG], state[EXP_AVG_SQ], t, group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            lr, betas, eps, wd = lr_value(group), group["betas"], group["eps"], group["weight_decay"]
+            adam_update_(p, grad, state[EXP_AVG], state[EXP_AVG_SQ], t, lr, betas, eps, wd)
 
-    def _conv_step(self, jobs: list[tuple[Tensor, dict, dict]]) -> None:
+    def _conv_step(self, jobs: list[tuple[Tensor, Tensor, dict, dict]]) -> None:
         """Kernel blocks of one size ``d`` over all conv weights: one batched factorization."""
-        d = jobs[0][1][FISHER].shape[-1]
+        d = jobs[0][2][FISHER].shape[-1]
         with record_function("mbf::curvature_update"):
-            for p, state, group in jobs:
-                _update_curvature(state, group, p.grad.reshape(-1, d), shared=False)
-        due = [(p, state, group) for p, state, group in jobs if _factor_due(state, group)]
+            for _, grad, state, group in jobs:
+                _update_curvature(state, group, grad.reshape(-1, d), shared=False)
+        due = [(p, state, group) for p, _, state, group in jobs if _factor_due(state, group)]
         if due:
             with record_function("mbf::factorize"):
                 sizes = [state[FISHER].shape[0] for _, state, _ in due]
@@ -213,21 +245,21 @@ class MBF(torch.optim.Optimizer):
                 for (_, state, _), factor in zip(due, factors.split(sizes)):
                     state[FACTOR].copy_(factor)
         with record_function("mbf::solve"):
-            for p, state, group in jobs:
+            for p, grad, state, group in jobs:
                 if _warming(state, group):
                     continue
                 beta1 = group["betas"][0]
-                state[EXP_AVG].lerp_(p.grad, 1.0 - beta1)
+                state[EXP_AVG].lerp_(grad, 1.0 - beta1)
                 direction = torch.cholesky_solve(state[EXP_AVG].view(-1, d, 1), state[FACTOR])
                 _decay(p, group)
-                p.add_(direction.view(p.shape), alpha=-group["lr"] / _momentum_correction(state, group))
+                p.add_(direction.view(p.shape), alpha=-lr_value(group) / _momentum_correction(state, group))
 
-    def _rows_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _rows_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         """A linear layer's ``[W, b]``: blocks per neuron (``rows``) or one shared block."""
         weight, bias = params[0], (params[1] if len(params) > 1 else None)
         state = self.state[weight]
         shared = group["block"] == SHARED_ROWS
-        G = torch.cat([weight.grad, bias.grad.unsqueeze(1)], 1) if bias is not None else weight.grad
+        G = weight_bias_rows(grads[0], grads[1] if bias is not None else None)
         with record_function("mbf::curvature_update"):
             _update_curvature(state, group, G, shared=shared)
         if _factor_due(state, group):
@@ -238,15 +270,15 @@ class MBF(torch.optim.Optimizer):
         if _warming(state, group):
             return
         beta1 = group["betas"][0]
-        for p in params:
-            self.state[p][EXP_AVG].lerp_(p.grad, 1.0 - beta1)
+        for p, grad in zip(params, grads):
+            self.state[p][EXP_AVG].lerp_(grad, 1.0 - beta1)
         M = weight_bias_rows(self.state[weight][EXP_AVG], self.state[bias][EXP_AVG] if bias is not None else None)
         with record_function("mbf::solve"):
             if shared:
                 direction = torch.cholesky_solve(M.T, state[FACTOR]).T
             else:
                 direction = torch.cholesky_solve(M.unsqueeze(-1), state[FACTOR]).squeeze(-1)
-        step_size = -group["lr"] / _momentum_correction(state, group)
+        step_size = -lr_value(group) / _momentum_correction(state, group)
         _decay(weight, group)
         weight.add_(direction[:, : weight.shape[1]], alpha=step_size)
         if bias is not None:
@@ -264,8 +296,14 @@ def weight_bias_rows(weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.cat([weight, bias.unsqueeze(1)], 1) if bias is not None else weight
 
 
+def _is_linear_layer(params: list[Tensor]) -> bool:
+    """``[weight]`` or ``[weight, bias]``: a matrix ``[n_out, n_in]`` and a vector ``[n_out]``."""
+    weight, *rest = params
+    return weight.dim() == 2 and len(rest) <= 1 and all(b.shape == weight.shape[:1] for b in rest)
+
+
 def _validate(h: dict[str, Any]) -> None:
-    check_nonnegative("lr", h["lr"])
+    check_lr(h["lr"])
     check_betas(h["betas"])
     check_positive("damping", h["damping"])
     check_positive("eps", h["eps"])
@@ -273,10 +311,11 @@ def _validate(h: dict[str, Any]) -> None:
     check_positive_int("curvature_every", h["curvature_every"])
     check_positive_int("inverse_every", h["inverse_every"])
     check_nonnegative_int("warm_start_batches", h["warm_start_batches"])
+    check_bool("maximize", h["maximize"])
 
 
 def _init_state(p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
-    state[STEP] = torch.tensor(0.0)
+    state[STEP] = new_counter(p)
     state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.contiguous_format)
     block = group["block"]
     if block == ADAM:
@@ -292,7 +331,7 @@ def _init_state(p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> N
         return  # a linear bias: its curvature lives with the weight
     state[FISHER] = p.new_zeros(shape)
     state[FACTOR] = p.new_zeros(shape)
-    state[CURVATURE_UPDATES] = torch.tensor(0.0)
+    state[CURVATURE_UPDATES] = new_counter(p)
 
 
 def _warming(state: dict, group: dict) -> bool:
@@ -345,4 +384,4 @@ def _factor_each(due: list[tuple[Tensor, dict, dict]]) -> tuple[Tensor, int]:
 
 def _decay(p: Tensor, group: dict) -> None:
     if group["weight_decay"] != 0:
-        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.mul_(1.0 - lr_value(group) * group["weight_decay"])

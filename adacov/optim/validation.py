@@ -9,6 +9,21 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
+def check_lr(lr: float | torch.Tensor) -> None:
+    """Reject a negative (or NaN) learning rate, and a tensor lr with other than one element (as torch.optim)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr: a tensor of shape {tuple(lr.shape)} (a tensor lr must be 1-element)")
+        lr = lr.item()
+    check_nonnegative("lr", lr)
+
+
+def check_bool(name: str, value: bool) -> None:
+    """Reject anything but True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
+
+
 def check_positive(name: str, value: float) -> None:
     """Reject ``value <= 0`` (and NaN)."""
     if not value > 0:
