@@ -17,50 +17,39 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from adacov import EKFAC, KFAC, MBF, TEKFAC, TKFAC, AdaCov, EAdam, kfac_param_groups, mbf_param_groups
+from adacov.optim.registry import OPTIMIZERS as REGISTRY
 from adacov.training.loop import backward, optimizer_state_bytes
 from bench_report import machine_description, publish
 from models import ConvNet6
 
-
-def _baseline(name: str, **kwargs) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    """A pytorch-optimizer class with its config's settings (the baselines extra)."""
-
-    def make(model: nn.Module) -> torch.optim.Optimizer:
-        import pytorch_optimizer
-
-        return getattr(pytorch_optimizer, name)(model.parameters(), **kwargs)
-
-    return make
-
-
-def _kronecker(variant: type[KFAC], damping: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    """A K-FAC variant as its config sets it: curvature and inverses every 10 steps, KL clipping."""
-    return lambda m: variant(kfac_param_groups(m), lr=1e-2, damping=damping, curvature_every=10, inverse_every=10, kl_clip=1e-3)
-
-
-OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True),
-    "adacov": lambda m: AdaCov(m.parameters(), lr=1e-3),
-    "adacov_fast": lambda m: AdaCov(m.parameters(), lr=1e-3, basis_refresh_every=10, basis_refresh_warmup=0),
-    "eadam": lambda m: EAdam(m.parameters(), lr=1e-3),
-    "mbf": lambda m: MBF(mbf_param_groups(m), lr=3e-3, weight_decay=0.1),
-    "kfac": _kronecker(KFAC, 1e-3),
-    "ekfac": _kronecker(EKFAC, 1e-2),
-    "tkfac": _kronecker(TKFAC, 1e-3),
-    "tekfac": _kronecker(TEKFAC, 1e-2),
-    "soap": _baseline("SOAP", lr=3e-3, betas=(0.95, 0.95), weight_decay=0.0, precondition_frequency=10),
-    "shampoo": _baseline("ScalableShampoo", lr=1e-3, start_preconditioning_step=25, preconditioning_compute_steps=10, graft_type=3),
-    "kron": _baseline("Kron", lr=1e-3),
-    "adahessian": _baseline("AdaHessian", lr=0.15),
-    "sophia": _baseline("SophiaH", lr=0.06, update_period=10),
+# The K-FAC family as its configs set it: curvature and inverses every 10 steps, KL clipping.
+_KRONECKER = dict(lr=1e-2, curvature_every=10, inverse_every=10, kl_clip=1e-3)
+SETTINGS: dict[str, dict] = {  # each optimizer's settings here; its class and param groups come from the registry
+    "adam": dict(lr=1e-3, foreach=True),
+    "adacov": dict(lr=1e-3),
+    "adacov_fast": dict(lr=1e-3, basis_refresh_every=10, basis_refresh_warmup=0),
+    "eadam": dict(lr=1e-3),
+    "mbf": dict(lr=3e-3, weight_decay=0.1),
+    "kfac": dict(_KRONECKER, damping=1e-3),
+    "ekfac": dict(_KRONECKER, damping=1e-2),
+    "tkfac": dict(_KRONECKER, damping=1e-3),
+    "tekfac": dict(_KRONECKER, damping=1e-2),
+    "soap": dict(lr=3e-3, betas=(0.95, 0.95), weight_decay=0.0, precondition_frequency=10),
+    "shampoo": dict(lr=1e-3, start_preconditioning_step=25, preconditioning_compute_steps=10, graft_type=3),
+    "kron": dict(lr=1e-3),
+    "adahessian": dict(lr=0.15),
+    "sophia": dict(lr=0.06, update_period=10),
 }
-CREATE_GRAPH = {"adahessian", "sophia"}  # Hutchinson's Hessian-vector products need the gradient's graph
+OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    name: partial(REGISTRY[name].build, **settings) for name, settings in SETTINGS.items()
+}
+CREATE_GRAPH = {name for name in SETTINGS if REGISTRY[name].create_graph}  # Hutchinson's products need the graph
 DEFAULT = ["adam", "adacov", "adacov_fast", "mbf"]
 
 
