@@ -50,17 +50,27 @@ class ImageData:
         return self.train_x.shape[0] // batch_size
 
     def train_batches(
-        self, batch_size: int, generator: torch.Generator, skip: int = 0, shard: tuple[int, int] = (0, 1)
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        skip: int = 0,
+        shard: tuple[int, int] = (0, 1),
+        order: Tensor | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """One epoch of shuffled (and, if enabled, augmented) uint8 batches, drawn from ``generator``.
 
-        Every global batch of ``batch_size`` is drawn whole, so the random stream does not depend on
-        ``skip`` or ``shard``. ``skip`` drops the epoch's first batches (a resumed epoch); ``shard =
-        (rank, world_size)`` yields rank's contiguous ``batch_size // world_size`` slice of each batch.
+        ``generator`` first draws a permutation of the training set, then each batch's crops and flips.
+        The epoch visits the images in that permutation's order, or in ``order`` (``[N]`` indices) where
+        given; the permutation is drawn either way, so the augmentation's numbers (batch ``i``, slot ``k``)
+        do not depend on the order. Every global batch of ``batch_size`` is drawn whole, so the random
+        stream does not depend on ``skip`` or ``shard``. ``skip`` drops the epoch's first batches (a resumed
+        epoch); ``shard = (rank, world_size)`` yields rank's contiguous ``batch_size // world_size`` slice
+        of each batch.
         """
         rank, world_size = shard
         local = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
-        order = torch.randperm(self.train_x.shape[0], generator=generator, device=generator.device)
+        permutation = torch.randperm(self.train_x.shape[0], generator=generator, device=generator.device)
+        order = permutation if order is None else order
         for i in range(self.steps_per_epoch(batch_size)):
             index = order[i * batch_size : (i + 1) * batch_size]
             crops = draw_crop_flip(batch_size, self.crop_padding, generator) if self.augment else None

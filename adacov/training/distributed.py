@@ -51,6 +51,10 @@ class Replicas:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def mean(self, tensor: Tensor) -> Tensor:
+        """The elementwise mean of ``tensor`` over the ranks (``tensor`` itself on one rank)."""
+        return self.sum(tensor) / self.world_size if self.distributed else tensor
+
     def check_in_sync(self, tensors: Iterable[Tensor]) -> None:
         """Raise unless every rank holds bit-identical ``tensors`` (weights, optimizer state) to rank 0's.
 

@@ -24,8 +24,12 @@ from adacov.data import ImageData
 from adacov.errors import NonFiniteLossError, TrainingInterrupted, UserError
 from adacov.optim import KFAC, MBF, kfac_param_groups, mbf_param_groups
 from adacov.training.checkpoint import load_checkpoint, save_checkpoint
+from adacov.training.data_order import DATA_ORDERS, epoch_generator, fixed_order
 from adacov.training.distributed import Replicas, start_replicas
+from adacov.training.lr_scaling import LR_SCALINGS, lr_factor, resolve_rule, scale_learning_rates
 from adacov.training.run_logger import RunLogger, environment
+from adacov.training.salr import SALR, SALR_LOG, SALRSettings
+from adacov.training.sharpness import salr_sharpness
 from adacov.training.step_buffer import StepBuffer
 from adacov.training.stop_signals import StopSignals
 
@@ -55,10 +59,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train ``cfg.model`` on ``cfg.data`` with ``cfg.optimizer``; return the last epoch's metrics.
 
     Writes into ``cfg.paths.output_dir``: ``metrics.csv``, ``epochs.csv``, ``config.yaml``,
-    ``environment.json`` and ``checkpoint.pt`` (after each epoch, and when SIGTERM/SIGINT stops the
-    run). With ``cfg.resume`` it continues from the checkpoint there, keeping exactly the logged rows
-    up to it. Under ``torchrun`` each process trains a slice of every global batch (DDP); rank 0 logs
-    and checkpoints.
+    ``environment.json`` (with the lr used), ``checkpoint.pt`` (after each epoch, and when SIGTERM/SIGINT
+    stops the run) and, with ``salr.enabled``, ``salr.csv``. With ``cfg.resume`` it continues from the
+    checkpoint there, keeping exactly the logged rows up to it. Under ``torchrun`` each process trains a
+    slice of every global batch (DDP); rank 0 logs and checkpoints. The methods around the optimizer
+    (``data_order``, ``lr_scaling``, ``salr``) are in docs/loop-methods.md.
     """
     check_settings(cfg)
     replicas, device_name = start_replicas(cfg.device, cfg.batch_size)
@@ -84,6 +89,11 @@ class Trainer:
             cfg.model, in_channels=self.data.channels, image_size=self.data.image_size, num_classes=self.data.num_classes
         ).to(device=device, dtype=self.dtype)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.lr_rule = resolve_rule(cfg.lr_scaling, self.optimizer, cfg.optimizer_name)
+        self.lr_factor = lr_factor(self.lr_rule, cfg.batch_size, cfg.lr_reference_batch)
+        scale_learning_rates(self.optimizer, self.lr_factor)
+        self.salr = SALR(self.optimizer, SALRSettings.from_config(cfg.salr)) if cfg.salr.enabled else None
+        self.order = fixed_order(cfg.data_order, cfg.seed, self.data.train_x.shape[0], device)
         self.create_graph = bool(cfg.optimizer.get("create_graph", False))
         if self.create_graph and replicas.distributed:
             raise UserError(
@@ -94,10 +104,17 @@ class Trainer:
         self.position = Position()
         self.last: dict[str, float] = {}  # the last finished epoch's metrics
         if checkpoint is not None:
+            if ("salr" in checkpoint) != (self.salr is not None):
+                raise UserError(
+                    f"salr.enabled={self.salr is not None} does not match the checkpoint in {self.run_dir}, written with "
+                    f"salr.enabled={'salr' in checkpoint}: resume with that setting, or start over without resume"
+                )
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.position = Position(**checkpoint["position"])
             self.last = checkpoint["last_epoch"]
+            if self.salr is not None:
+                self.salr.load_state_dict(checkpoint["salr"])
             set_rng_state(checkpoint["rng"], device)
         self.net = replicas.wrap(self.model)
         self.steps_per_epoch = self.data.steps_per_epoch(cfg.batch_size)
@@ -120,7 +137,7 @@ class Trainer:
         cfg, device, position = self.cfg, self.device, self.position
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch)
+        generator = epoch_generator(cfg.seed, epoch, device)
         self.model.train()
         start = time.perf_counter()
         progress = tqdm(
@@ -133,10 +150,13 @@ class Trainer:
         )
         with progress as bar:  # closed before any error message, so that starts its own line
             steps = StepBuffer(self.replicas, device, self.logger, bar, self.steps_per_epoch)
-            batches = self.data.train_batches(cfg.batch_size, generator, skip=position.batch, shard=self.replicas.shard())
+            shard = self.replicas.shard()
+            batches = self.data.train_batches(cfg.batch_size, generator, skip=position.batch, shard=shard, order=self.order)
             for x, y in batches:
                 inputs = (x.to(self.dtype).div_(255) - self.mean) / self.std
                 steps.timer.start()
+                if self.salr is not None and self.salr.due(position.step + 1):
+                    self._observe_sharpness(position.step + 1, inputs, y)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(self.net(inputs), y)
                 if not self.skip_nonfinite or all_finite(loss, self.replicas):
@@ -174,6 +194,14 @@ class Trainer:
         self.position = Position(step=position.step, epoch=epoch + 1)
         self._save()
 
+    def _observe_sharpness(self, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """SALR's probes on the step's batch, before its forward: they write nothing the step then reads."""
+        s = self.salr.settings
+        sharpness = salr_sharpness(
+            self.model, inputs, targets, s.steps_descent, s.steps_ascent, s.step_size, s.direction, s.clamp, self.replicas.mean
+        )
+        self.salr.observe(step, sharpness)
+
     def _flush(self, steps: StepBuffer, signals: StopSignals) -> None:
         """Log the buffered steps; stop the run on a non-finite loss (unless skipped) or on a signal."""
         position = self.position
@@ -208,6 +236,9 @@ class Trainer:
                 "last_epoch": self.last,
                 "rng": get_rng_state(self.device),
             }
+            if self.salr is not None:
+                state["salr"] = self.salr.state_dict()
+                self.salr.write_log(self.run_dir / SALR_LOG)
             save_checkpoint(self.run_dir, state)
 
     def _open_logger(self, resumed: bool) -> RunLogger:
@@ -220,6 +251,11 @@ class Trainer:
             "seed": cfg.seed,
             "data": self.data.name,
             "batch_size": cfg.batch_size,
+            "data_order": cfg.data_order,
+            "lr_scaling": self.lr_rule,
+            "lr_factor": self.lr_factor,
+            "lr": [lr_number(group["lr"]) for group in self.optimizer.param_groups],  # each group's lr at the start
+            "salr": self.salr is not None,
             "processes": self.replicas.world_size,
             "epochs": cfg.epochs,
             "steps_per_epoch": self.steps_per_epoch,
@@ -333,7 +369,7 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
 
 def check_settings(cfg: DictConfig) -> None:
     """Reject top-level settings that no run can use, naming the value and what is allowed."""
-    for key in ("epochs", "batch_size", "log_every"):
+    for key in ("epochs", "batch_size", "log_every", "lr_reference_batch"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{key}={value!r} is not allowed: use an integer >= 1")
@@ -345,6 +381,13 @@ def check_settings(cfg: DictConfig) -> None:
         raise UserError(f"device={cfg.device!r} is not allowed: use one of {', '.join(DEVICES)}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise UserError(f"wandb.mode={cfg.wandb.mode!r} is not allowed: use offline, online or disabled")
+    if cfg.data_order not in DATA_ORDERS:
+        raise UserError(f"data_order={cfg.data_order!r} is not allowed: use one of {', '.join(DATA_ORDERS)}")
+    if cfg.lr_scaling not in LR_SCALINGS:
+        raise UserError(f"lr_scaling={cfg.lr_scaling!r} is not allowed: use one of {', '.join(LR_SCALINGS)}")
+    if not isinstance(cfg.salr.enabled, bool):
+        raise UserError(f"salr.enabled={cfg.salr.enabled!r} is not allowed: use true or false")
+    SALRSettings.from_config(cfg.salr)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -386,6 +429,11 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         elif hasattr(value, "__dict__") and not isinstance(value, type):
             pending.extend(vars(value).values())
     return found
+
+
+def lr_number(lr: float | torch.Tensor) -> float:
+    """A param group's lr as a float (some optimizers accept a 1-element tensor)."""
+    return float(lr.item()) if torch.is_tensor(lr) else float(lr)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
