@@ -175,9 +175,9 @@ def test_curvature_and_inverse_schedules(monkeypatch):
     layer, head, x, y = _conv(**CONVS["3x3"])
     optimizer = EKFAC(kfac_param_groups(layer), lr=1e-3, curvature_every=2, inverse_every=3)
     state = lambda: int(optimizer.state[layer.weight]["step"]) if optimizer.state else 1  # noqa: E731
-    real_factors, real_eigh = kfac_module.kfac_factors, kfac_module.symmetric_eigh
+    real_factors, real_eigh = kfac_module.kfac_factors, kfac_module.eigh_decomposition
     monkeypatch.setattr(kfac_module, "kfac_factors", lambda a, e: calls["curvature"].append(state()) or real_factors(a, e))
-    monkeypatch.setattr(kfac_module, "symmetric_eigh", lambda A: calls["inverse"].append(state()) or real_eigh(A))
+    monkeypatch.setattr(kfac_module, "eigh_decomposition", lambda A: calls["inverse"].append(state()) or real_eigh(A))
     for _ in range(8):
         _backward(layer, head, x, y)
         optimizer.step()

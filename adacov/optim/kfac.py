@@ -5,17 +5,19 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import Tensor
 from torch.profiler import record_function
-from torch.utils.weak import WeakIdKeyDictionary
 
 from adacov.optim.adam_update import adam_update_
 from adacov.optim.base import STEP, BaseOptimizer, block_grads, lr_value, new_counter, step_grad
+from adacov.optim.factor_inverse import damped_cholesky_inverse, eigh_decomposition
+from adacov.optim.kfac_layers import ADAM, CONV2D, LAYERS, LINEAR, gradient_matrix, kfac_param_groups, layer_batch
 from adacov.optim.kronecker import (
     eigenbasis_second_moments,
     kfac_factors,
@@ -24,8 +26,6 @@ from adacov.optim.kronecker import (
     split_damping,
     trace_restricted_factors,
 )
-from adacov.optim.matrix_functions import cholesky_damped, symmetric_eigh
-from adacov.optim.param_groups import with_names
 from adacov.optim.validation import (
     check_betas,
     check_bool,
@@ -37,92 +37,28 @@ from adacov.optim.validation import (
     check_unit_interval,
 )
 
-__all__ = ["KFAC", "EKFAC", "TKFAC", "TEKFAC", "kfac_param_groups", "LINEAR", "CONV2D", "ADAM"]
-
-LINEAR, CONV2D, ADAM = "linear", "conv2d", "adam"
-LAYERS = (LINEAR, CONV2D, ADAM)
-VARIANTS = ("kfac", "ekfac", "tkfac", "tekfac")
+__all__ = ["ADAM", "CONV2D", "EKFAC", "KFAC", "LINEAR", "TEKFAC", "TKFAC", "Inversion", "kfac_param_groups"]
 
 CURVATURE_UPDATES = "curvature_updates"
 FACTOR_IN, FACTOR_OUT, TRACE = "factor_in", "factor_out", "trace"  # EMAs of A, G (TKFAC: Phi, Psi, tr F)
 INVERSE_IN, INVERSE_OUT = "inverse_in", "inverse_out"  # K-FAC, TKFAC: damped inverses
 BASIS_IN, BASIS_OUT, SCALE = "basis_in", "basis_out", "scale"  # EKFAC, TEKFAC: eigenbases, EMA of the moments
+VALUES_IN, VALUES_OUT = "values_in", "values_out"  # low-rank K-FACs, whitening: (Q, d) = (basis, values)
 MOMENTUM_BUFFER = "momentum_buffer"
 EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"  # Adam's moments for parameters outside Linear / Conv2d
 
-# The last training batch of every layer that kfac_param_groups hooked, by weight parameter (identity).
-_BATCHES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
+@dataclass
+class Inversion:
+    """One factor to invert: its layer's ``state``, the ``keys`` its results are stored under, the ``matrix``,
+    K-FAC's ``damping``, and ``options`` that a batched call must share (factors of one size and options are
+    inverted together)."""
 
-class LayerBatch:
-    """A layer's last training-mode inputs and the gradient of the loss with respect to its outputs."""
-
-    def __init__(self, inputs: Tensor) -> None:
-        self.inputs = inputs
-        self.output_grads: Tensor | None = None
-
-    def record_output_grads(self, grad: Tensor) -> None:
-        self.output_grads = grad.detach()
-
-
-def record_batch(module: nn.Module, args: tuple, output: Tensor) -> None:
-    """The forward hook of every layer that :func:`kfac_param_groups` claims: keeps the layer's input under its
-    weight (autograd keeps it anyway) and puts a hook on the output tensor, which receives the gradient with
-    respect to the output itself, also when a later ``ReLU(inplace=True)`` overwrites it.
-
-    A module-level function, so that ``copy.deepcopy`` and ``pickle`` of a model keep the hook, and the copy
-    records its batches under its own weight.
-    """
-    if module.training and torch.is_grad_enabled() and output.requires_grad and module.weight.requires_grad:
-        batch = LayerBatch(args[0].detach())
-        _BATCHES[module.weight] = batch
-        output.register_hook(batch.record_output_grads)
-
-
-def kfac_param_groups(model: nn.Module, named: bool = False) -> list[dict[str, Any]]:
-    """Param groups of the K-FAC family, one per layer, with hooks that record each layer's batch.
-
-    - ``Linear``: ``[weight, bias]``, ``layer="linear"``;
-    - ``Conv2d`` with zero padding given as numbers and ``groups=1``: ``[weight, bias]``, ``layer="conv2d"``
-      and the geometry (``kernel_size``, ``stride``, ``padding``, ``dilation``) that unfolds its patches;
-    - every other parameter (normalization, other convolutions, ...): ``layer="adam"``, Adam's direction.
-
-    Frozen tensors (``requires_grad=False``) are left out: a layer with a frozen bias is a layer without one,
-    the bias of a frozen weight takes Adam's direction. Build the groups again after unfreezing. Each layer's
-    hook is added once (calling it again, or on a copy of the model, adds none). ``named=True`` gives each
-    tensor as ``(name, tensor)``, as ``model.named_parameters()`` does.
-    """
-    groups: list[dict[str, Any]] = []
-    claimed: set[int] = set()
-    for module in model.modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or not module.weight.requires_grad:
-            continue
-        if isinstance(module, nn.Linear):
-            group: dict[str, Any] = {"layer": LINEAR}
-        elif (
-            isinstance(module, nn.Conv2d)
-            and module.groups == 1
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        ):
-            group = {
-                "layer": CONV2D,
-                "kernel_size": tuple(module.kernel_size),
-                "stride": tuple(module.stride),
-                "padding": tuple(module.padding),
-                "dilation": tuple(module.dilation),
-            }
-        else:
-            continue
-        params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
-        groups.append({"params": params, **group})
-        claimed.update(id(p) for p in params)
-        if record_batch not in module._forward_hooks.values():
-            module.register_forward_hook(record_batch)
-    rest = [p for p in model.parameters() if id(p) not in claimed and p.requires_grad]
-    if rest:
-        groups.append({"params": rest, "layer": ADAM})
-    return with_names(groups, model) if named else groups
+    state: dict
+    keys: tuple[str, ...]
+    matrix: Tensor
+    damping: float = 0.0
+    options: tuple = ()
 
 
 class KFAC(BaseOptimizer):
@@ -238,8 +174,18 @@ class KFAC(BaseOptimizer):
             adam_eps=adam_eps,
             maximize=maximize,
         )
-        _validate(defaults)
+        self._build(params, defaults)
+
+    def _build(self, params: Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
+        """Validate the settings, then build the groups; the family's subclasses call this with their own settings."""
+        self._validate(defaults)
         super().__init__(params, defaults)
+
+    def _validate(self, h: dict[str, Any]) -> None:
+        """Check every setting the group has (:data:`CHECKS`); subclasses check their own settings after these."""
+        for name, check in CHECKS.items():
+            if name in h:
+                check(h[name])
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
         if "layer" not in group:
@@ -247,7 +193,7 @@ class KFAC(BaseOptimizer):
                 f"Invalid param group: no 'layer' key ({type(self).__name__} needs the param groups of "
                 "kfac_param_groups(model), which record each layer's batch)"
             )
-        _validate(group)
+        self._validate(group)
         check_dtypes(type(self).__name__, group["params"])
         if group["layer"] not in LAYERS:
             raise ValueError(f"Invalid layer: {group['layer']!r} (use one of {', '.join(LAYERS)})")
@@ -268,7 +214,7 @@ class KFAC(BaseOptimizer):
             with torch.enable_grad():
                 loss = closure()
         layers: list[tuple[dict, dict, Tensor]] = []  # (group, state, gradient matrix)
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use dense gradients")
             if group["layer"] == ADAM:
@@ -280,31 +226,45 @@ class KFAC(BaseOptimizer):
             weight = group["params"][0]
             state = self.state[weight]
             if not state:
-                state[STEP] = new_counter(weight)
-                state[CURVATURE_UPDATES] = new_counter(weight)
+                self._init_state(group, state, index)
             state[STEP] += 1
-            layers.append((group, state, gradient_matrix(grads)))
-        curvature = [(g, s, m) for g, s, m in layers if _due(s, g["curvature_every"])]
+            layers.append((group, state, self._layer_gradient(group, state, gradient_matrix(grads))))
+        curvature = [(g, s, m) for g, s, m in layers if self._curvature_due(g, s)]
         with record_function("kfac::curvature"):
             batches = {id(s): layer_batch(g) for g, s, _ in curvature}
             self._update_factors([(g, s, batches[id(s)]) for g, s, _ in curvature])
         with record_function("kfac::inverses"):
-            self._refresh([(g, s) for g, s, _ in layers if _due(s, g["inverse_every"])])
+            self._refresh([(g, s) for g, s, _ in layers if self._inverse_due(g, s)])
         if self._eigenbasis:
             with record_function("kfac::eigenbasis_moments"):
                 self._update_scales([(g, s, batches[id(s)]) for g, s, _ in curvature])
         with record_function("kfac::precondition"):
-            directions = [self._direction(group, state, grad) for group, state, grad in layers]
+            directions = self._directions(layers)
             for (group, state, _), direction in zip(layers, kl_clipped(layers, directions)):
                 self._apply(group, state, direction)
         return loss
+
+    def _init_state(self, group: dict, state: dict, index: int) -> None:
+        """A layer's first step: its counters (``index`` is its group's place, for per-layer seeds)."""
+        state[STEP] = new_counter(group["params"][0])
+        state[CURVATURE_UPDATES] = new_counter(group["params"][0])
+
+    def _layer_gradient(self, group: dict, state: dict, grad: Tensor) -> Tensor:
+        """The gradient matrix that is preconditioned (and KL-clipped): the layer's own, here."""
+        return grad
+
+    def _curvature_due(self, group: dict, state: dict) -> bool:
+        return is_due(state, group["curvature_every"])
+
+    def _inverse_due(self, group: dict, state: dict) -> bool:
+        return is_due(state, group["inverse_every"])
 
     def _update_factors(self, jobs: list[tuple[dict, dict, tuple[Tensor, Tensor]]]) -> None:
         """Fold each layer's batch statistics into the running averages (averaged over ranks first)."""
         stats = [
             trace_restricted_factors(a, e) if self._trace_restricted else kfac_factors(a, e) for _, _, (a, e) in jobs
         ]
-        stats = _mean_over_ranks(stats)
+        stats = mean_over_ranks(stats)
         for (group, state, _), batch in zip(jobs, stats):
             keys = (FACTOR_IN, FACTOR_OUT, TRACE)[: len(batch)]
             for key, value in zip(keys, batch):
@@ -316,39 +276,44 @@ class KFAC(BaseOptimizer):
     def _update_scales(self, jobs: list[tuple[dict, dict, tuple[Tensor, Tensor]]]) -> None:
         """EKFAC's running average of the per-coordinate second moments in the current eigenbasis."""
         moments = [[eigenbasis_second_moments(a, e, state[BASIS_IN], state[BASIS_OUT])] for _, state, (a, e) in jobs]
-        for (group, state, _), (moment,) in zip(jobs, _mean_over_ranks(moments)):
+        for (group, state, _), (moment,) in zip(jobs, mean_over_ranks(moments)):
             if SCALE not in state:
                 state[SCALE] = torch.zeros_like(moment)
             state[SCALE].lerp_(moment, 1.0 - group["stat_decay"])
 
     def _refresh(self, jobs: list[tuple[dict, dict]]) -> None:
-        """Inverses (K-FAC, TKFAC) or eigenbases (EKFAC, TEKFAC) of every due layer's two factors,
-        one batched decomposition per matrix size."""
-        by_size: dict[tuple, list[tuple[dict, str, Tensor, float]]] = defaultdict(list)
+        """Invert every due layer's factors (:meth:`_inversions`), one batched call (:meth:`_invert`) per matrix
+        size over all layers; each result is stored under its keys."""
+        by_size: dict[tuple, list[Inversion]] = defaultdict(list)
         for group, state in jobs:
-            factor_in, factor_out = self._factors(group, state)
-            if self._eigenbasis:
-                pairs = ((BASIS_IN, factor_in, 0.0), (BASIS_OUT, factor_out, 0.0))
-            else:
-                damping_in, damping_out = split_damping(factor_in, factor_out, self._damping(group, state))
-                pairs = ((INVERSE_IN, factor_in, damping_in), (INVERSE_OUT, factor_out, damping_out))
-            for key, matrix, damping in pairs:
-                by_size[(matrix.shape[0], matrix.dtype, matrix.device)].append((state, key, matrix, damping))
+            for inversion in self._inversions(group, state):
+                matrix = inversion.matrix
+                by_size[(matrix.shape[0], matrix.dtype, matrix.device, inversion.options)].append(inversion)
         for entries in by_size.values():
-            stacked = torch.stack([matrix for _, _, matrix, _ in entries])
-            if self._eigenbasis:
-                results = symmetric_eigh(stacked)[1]
-            else:
-                eye = torch.eye(stacked.shape[-1], dtype=stacked.dtype, device=stacked.device)
-                dampings = torch.tensor([d for *_, d in entries], dtype=stacked.dtype, device=stacked.device)
-                factor, _ = cholesky_damped(stacked + dampings.view(-1, 1, 1) * eye, 0.0)
-                results = torch.cholesky_inverse(factor)
-            for (state, key, _, _), result in zip(entries, results):
-                state[key] = result.clone()
+            results = self._invert(torch.stack([entry.matrix for entry in entries]), entries)
+            for entry, result in zip(entries, results):
+                for key, value in zip(entry.keys, result):
+                    entry.state[key] = value.clone()
+
+    def _inversions(self, group: dict, state: dict) -> list[Inversion]:
+        """The factors of one layer to invert: K-FAC, TKFAC: the damped inverses, with the factored damping;
+        EKFAC, TEKFAC: the eigenbases."""
+        factor_in, factor_out = self._factors(group, state)
+        if self._eigenbasis:
+            return [Inversion(state, (BASIS_IN,), factor_in), Inversion(state, (BASIS_OUT,), factor_out)]
+        damping_in, damping_out = split_damping(factor_in, factor_out, self._damping(group, state))
+        return [Inversion(state, (INVERSE_IN,), factor_in, damping_in), Inversion(state, (INVERSE_OUT,), factor_out, damping_out)]
+
+    def _invert(self, stacked: Tensor, entries: list[Inversion]) -> list[tuple[Tensor, ...]]:
+        """The batched inversions of same-sized factors ``[b, n, n]``: Cholesky inverses or eigenbases."""
+        if self._eigenbasis:
+            return [(basis,) for basis in eigh_decomposition(stacked)[0]]
+        dampings = torch.tensor([entry.damping for entry in entries], dtype=stacked.dtype, device=stacked.device)
+        return [(inverse,) for inverse in damped_cholesky_inverse(stacked, dampings)]
 
     def _factors(self, group: dict, state: dict) -> tuple[Tensor, Tensor]:
         """The bias-corrected factors whose Kronecker product is the layer's curvature (TKFAC: scaled by sqrt(c))."""
-        correction = _correction(group, state)
+        correction = bias_correction(group, state)
         factor_in, factor_out = state[FACTOR_IN] / correction, state[FACTOR_OUT] / correction
         if self._trace_restricted:
             traces = float(factor_in.diagonal().sum()) * float(factor_out.diagonal().sum())
@@ -361,12 +326,16 @@ class KFAC(BaseOptimizer):
         if not (self._trace_restricted and group["layer"] == CONV2D):
             return group["damping"]
         size = state[FACTOR_IN].shape[0] * state[FACTOR_OUT].shape[0]
-        return max(group["conv_damping"] * float(state[TRACE]) / _correction(group, state) / size, group["damping"])
+        return max(group["conv_damping"] * float(state[TRACE]) / bias_correction(group, state) / size, group["damping"])
+
+    def _directions(self, layers: list[tuple[dict, dict, Tensor]]) -> list[Tensor]:
+        """Every layer's direction ``D`` (one layer at a time; SENG batches its solves over layers)."""
+        return [self._direction(group, state, grad) for group, state, grad in layers]
 
     def _direction(self, group: dict, state: dict, grad: Tensor) -> Tensor:
         if not self._eigenbasis:
             return precondition_kronecker(grad, state[INVERSE_IN], state[INVERSE_OUT])
-        return precondition_eigenbasis(grad, state[BASIS_IN], state[BASIS_OUT], state[SCALE] / _correction(group, state), self._damping(group, state))
+        return precondition_eigenbasis(grad, state[BASIS_IN], state[BASIS_OUT], state[SCALE] / bias_correction(group, state), self._damping(group, state))
 
     def _apply(self, group: dict, state: dict, direction: Tensor) -> None:
         """``b <- mu b + D``; ``W <- W (1 - lr wd) - lr b`` for the weight and, as the last column, the bias."""
@@ -402,44 +371,12 @@ class TEKFAC(KFAC):
     variant = "tekfac"
 
 
-def gradient_matrix(grads: list[Tensor]) -> Tensor:
-    """The layer's gradient as ``[o, i]`` from ``[weight's, bias's]``: the weight's reshaped, the bias's (if
-    any) as the last column."""
-    grad = grads[0].reshape(grads[0].shape[0], -1)
-    if len(grads) > 1:
-        grad = torch.cat([grad, grads[1].unsqueeze(1)], 1)
-    return grad
-
-
-def layer_batch(group: dict) -> tuple[Tensor, Tensor]:
-    """``(a, e)`` of the layer's last batch: inputs ``[N, T, i]`` (ones appended for a bias) and per-sample
-    output gradients ``[N, T, o]`` (``N`` times autograd's, for a mean loss)."""
-    batch = _BATCHES.get(group["params"][0])
-    if batch is None or batch.output_grads is None:
-        raise ValueError(
-            f"Invalid step: no batch recorded for a {group['layer']} layer (the K-FAC family needs the groups of "
-            "kfac_param_groups(model), and one forward in training mode and one backward before each step)"
-        )
-    x, grad_out = batch.inputs, batch.output_grads
-    n = x.shape[0]
-    if group["layer"] == CONV2D:
-        patches = F.unfold(x, group["kernel_size"], dilation=group["dilation"], padding=group["padding"], stride=group["stride"])
-        a = patches.mT
-        e = grad_out.reshape(n, grad_out.shape[1], -1).mT
-    else:
-        a = x.reshape(n, -1, x.shape[-1])
-        e = grad_out.reshape(n, -1, grad_out.shape[-1])
-    if len(group["params"]) > 1:
-        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
-    return a, e * n
-
-
 def kl_clipped(layers: list[tuple[dict, dict, Tensor]], directions: list[Tensor]) -> list[Tensor]:
     """Directions scaled by ``nu = min(1, sqrt(kl_clip / sum_l lr^2 <D_l, g_l>))`` (Ba et al. 2017), per param group's
     ``kl_clip``, which bounds the step's predicted KL change; unchanged where ``kl_clip`` is None."""
     by_clip: dict[float, list[int]] = defaultdict(list)
     for index, (group, _, _) in enumerate(layers):
-        if group["kl_clip"] is not None:
+        if group.get("kl_clip") is not None:
             by_clip[group["kl_clip"]].append(index)
     directions = list(directions)
     for clip, indices in by_clip.items():
@@ -450,16 +387,26 @@ def kl_clipped(layers: list[tuple[dict, dict, Tensor]], directions: list[Tensor]
     return directions
 
 
-def _correction(group: dict, state: dict) -> float:
+def bias_correction(group: dict, state: dict) -> float:
     """``1 - beta^k``, the bias correction of the curvature averages after ``k`` curvature updates."""
     return 1.0 - group["stat_decay"] ** int(state[CURVATURE_UPDATES].item())
 
 
-def _due(state: dict, every: int) -> bool:
+def is_due(state: dict, every: int) -> bool:
+    """Whether the layer's current step (counting from 1) is one of ``1, 1 + every, 1 + 2 every, ...``."""
     return (int(state[STEP].item()) - 1) % every == 0
 
 
-def _mean_over_ranks(stats: list[list[Tensor] | tuple[Tensor, ...]]) -> list[list[Tensor]]:
+def check_single_process(optimizer: str, what: str) -> None:
+    """``what`` reads this process's batch slice only: a ValueError under an initialized multi-process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            f"Invalid setup: {optimizer} {what} from this process's part of the batch, which differs between the "
+            f"{dist.get_world_size()} processes; run it in one process"
+        )
+
+
+def mean_over_ranks(stats: list[list[Tensor] | tuple[Tensor, ...]]) -> list[list[Tensor]]:
     """Each statistic averaged over the ranks of an initialized process group (one all-reduce), else as given."""
     stats = [list(s) for s in stats]
     if not stats or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -484,17 +431,17 @@ def _adam_step(group: dict, params: list[Tensor], states: dict) -> None:
                      group["adam_eps"], group["weight_decay"])  # fmt: skip
 
 
-def _validate(h: dict[str, Any]) -> None:
-    check_lr(h["lr"])
-    check_unit_interval("momentum", h["momentum"])
-    check_unit_interval("stat_decay", h["stat_decay"])
-    check_positive("damping", h["damping"])
-    check_positive("conv_damping", h["conv_damping"])
-    check_nonnegative("weight_decay", h["weight_decay"])
-    check_positive_int("curvature_every", h["curvature_every"])
-    check_positive_int("inverse_every", h["inverse_every"])
-    if h["kl_clip"] is not None:
-        check_positive("kl_clip", h["kl_clip"])
-    check_betas(h["adam_betas"], "adam_betas")
-    check_positive("adam_eps", h["adam_eps"])
-    check_bool("maximize", h["maximize"])
+CHECKS: dict[str, Callable[[Any], None]] = {  # the family's shared settings, checked where a group has them
+    "lr": check_lr,
+    "momentum": partial(check_unit_interval, "momentum"),
+    "stat_decay": partial(check_unit_interval, "stat_decay"),
+    "damping": partial(check_positive, "damping"),
+    "conv_damping": partial(check_positive, "conv_damping"),
+    "weight_decay": partial(check_nonnegative, "weight_decay"),
+    "curvature_every": partial(check_positive_int, "curvature_every"),
+    "inverse_every": partial(check_positive_int, "inverse_every"),
+    "kl_clip": lambda clip: clip is None or check_positive("kl_clip", clip),
+    "adam_betas": partial(check_betas, name="adam_betas"),
+    "adam_eps": partial(check_positive, "adam_eps"),
+    "maximize": partial(check_bool, "maximize"),
+}

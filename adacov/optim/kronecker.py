@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "factor_columns",
     "kfac_factors",
     "trace_restricted_factors",
     "per_sample_square_norms",
@@ -25,7 +26,21 @@ __all__ = [
     "split_damping",
     "precondition_kronecker",
     "precondition_eigenbasis",
+    "per_sample_gram",
+    "per_sample_inner",
+    "per_sample_combination",
+    "sample_positions",
+    "low_rank_output_gradients",
 ]
+
+
+def factor_columns(a: Tensor, e: Tensor) -> tuple[tuple[Tensor, int], tuple[Tensor, int]]:
+    """K-FAC's factors of one batch as ``X^T X / s``: ``((a as [N T, i], N T), (e as [N T, o], N))``.
+
+    The rows of ``X / sqrt(s)`` are the columns that a Brand update adds (:func:`kfac_factors` for the factors).
+    """
+    n, t = a.shape[0], a.shape[1]
+    return (a.reshape(n * t, -1), n * t), (e.reshape(n * t, -1), n)
 
 
 def kfac_factors(a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
@@ -35,9 +50,8 @@ def kfac_factors(a: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
     inputs averaged over samples and positions, output gradients summed over positions and averaged over
     samples, so that ``A kron G`` approximates ``E_n[vec(dW_n) vec(dW_n)^T]`` (exactly, for ``T = 1``).
     """
-    n, t = a.shape[0], a.shape[1]
-    a2, e2 = a.reshape(n * t, -1), e.reshape(n * t, -1)
-    return a2.T @ a2 / (n * t), e2.T @ e2 / n
+    (a2, scale_a), (e2, scale_e) = factor_columns(a, e)
+    return a2.T @ a2 / scale_a, e2.T @ e2 / scale_e
 
 
 def trace_restricted_factors(a: Tensor, e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,3 +128,45 @@ def precondition_eigenbasis(grad: Tensor, basis_in: Tensor, basis_out: Tensor, s
     """
     rotated = basis_out.T @ grad @ basis_in
     return basis_out @ (rotated / (scale + damping)) @ basis_in.T
+
+
+def per_sample_gram(a: Tensor, e: Tensor) -> Tensor:
+    """``<dW_n, dW_m>`` for every pair of samples, ``[N, N]`` (SENG's ``U U^T`` times ``N``).
+
+    ``<dW_n, dW_m> = sum_{t,t'} (e_nt . e_mt')(a_nt . a_mt')``, at ``N^2 T^2 (o + i)``, or from the explicit
+    per-sample gradients at ``N T o i + N^2 o i``: the cheaper one is used (the first for linear layers).
+    """
+    n, t, i = a.shape
+    o = e.shape[2]
+    if n * t * t * (o + i) < t * o * i + n * o * i:
+        a2, e2 = a.reshape(n * t, i), e.reshape(n * t, o)
+        return ((a2 @ a2.T) * (e2 @ e2.T)).reshape(n, t, n, t).sum((1, 3))
+    grads = torch.bmm(e.mT, a).reshape(n, o * i)
+    return grads @ grads.T
+
+
+def per_sample_inner(a: Tensor, e: Tensor, matrix: Tensor) -> Tensor:
+    """``<dW_n, M>`` for every sample, ``[N]``, for ``M`` ``[o, i]``: ``sum_t e_nt^T M a_nt``."""
+    return ((e @ matrix) * a).sum((1, 2))
+
+
+def per_sample_combination(a: Tensor, e: Tensor, weights: Tensor) -> Tensor:
+    """``sum_n y_n dW_n`` ``[o, i]`` for weights ``y`` ``[N]``: ``sum_{n,t} y_n e_nt a_nt^T``."""
+    o, i = e.shape[2], a.shape[2]
+    return (e * weights.view(-1, 1, 1)).reshape(-1, o).T @ a.reshape(-1, i)
+
+
+def sample_positions(a: Tensor, e: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """SENG's sampled coordinates: the positions ``index`` (``s`` of ``T``), scaled by ``sqrt(T / s)`` each, so
+    that ``(T / s) sum_{t in index} e_nt a_nt^T`` is an unbiased estimate of ``dW_n``."""
+    scale = (a.shape[1] / index.numel()) ** 0.5
+    return a[:, index] * scale, e[:, index] * scale
+
+
+def low_rank_output_gradients(a: Tensor, e: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """SENG's low-rank output gradients: each sample's ``e_n`` ``[T, o]`` cut to its top ``k`` singular triplets,
+    ``e_n ~ U_n S_n V_n^T``; then ``dW_n ~ sum_j (s_j v_j)(U_n^T a_n)_j^T``, returned as ``(U_n^T a_n, S_n V_n^T)``
+    ``([N, k, i], [N, k, o])``: ``k`` positions in place of ``T`` (exact for ``k = min(T, o)``)."""
+    left, singular, right = torch.linalg.svd(e, full_matrices=False)
+    k = min(rank, singular.shape[1])
+    return left[..., :k].mT @ a, singular[:, :k, None] * right[:, :k]
