@@ -1,6 +1,25 @@
 """AdaCov: Adam with gradient covariances inside convolution kernels, and its baselines."""
 
-from adacov.optim import EKFAC, KFAC, MBF, TEKFAC, TKFAC, AdaCov, EAdam, kfac_param_groups, mbf_param_groups
+from adacov.optim import (
+    BKFAC,
+    EKFAC,
+    KFAC,
+    KLDWRM,
+    MBF,
+    RSKFAC,
+    SENG,
+    SREKFAC,
+    TEKFAC,
+    TKFAC,
+    AdaCov,
+    EAdam,
+    Whitening,
+    kfac_param_groups,
+    mbf_param_groups,
+)
 
-__all__ = ["AdaCov", "EAdam", "EKFAC", "KFAC", "MBF", "TEKFAC", "TKFAC", "kfac_param_groups", "mbf_param_groups"]
+__all__ = [
+    "AdaCov", "BKFAC", "EAdam", "EKFAC", "KFAC", "KLDWRM", "MBF", "RSKFAC", "SENG", "SREKFAC", "TEKFAC", "TKFAC",
+    "Whitening", "kfac_param_groups", "mbf_param_groups",
+]  # fmt: skip
 __version__ = "0.1.0"

@@ -117,11 +117,25 @@ _KFAC_INVALID = _invalid(
 )  # fmt: skip
 
 
-def _kfac(name: str, cls: str) -> OptimizerInfo:
+_KFAC_COMMON_INVALID = tuple(entry for entry in _KFAC_INVALID if entry[0] != "conv_damping")
+# The low-rank K-FACs at ranks below the test net's factor sizes (19 and 28 inputs, 3 and 4 outputs).
+_LOW_RANK_SHORT = dict(_KFAC_SHORT, rank_fraction=0.25, min_rank=2)
+_LOW_RANK_INVALID = _KFAC_COMMON_INVALID + _invalid(
+    ("rank_fraction", 0.0), ("min_rank", 0), ("oversample", -1), ("niter", 1.5), ("seed", -1),
+)  # fmt: skip
+
+
+def _kfac(name: str, cls: str, module: str = "kfac", **entry: Any) -> OptimizerInfo:
+    """A K-FAC-family entry: ``kfac_param_groups``, K-FAC's short run and bad values unless ``entry`` says otherwise."""
+    entry = {"short_run": _KFAC_SHORT, "invalid": _KFAC_INVALID, **entry}
     return OptimizerInfo(
-        name, f"adacov.optim.kfac.{cls}", param_groups=kfac_param_groups, tensor_groups=None, short_run=_KFAC_SHORT,
-        invalid=_KFAC_INVALID, joint_layers=True,
+        name, f"adacov.optim.{module}.{cls}", param_groups=kfac_param_groups, tensor_groups=None, joint_layers=True,
+        **entry,
     )  # fmt: skip
+
+
+def _low_rank(name: str, cls: str, **entry: Any) -> OptimizerInfo:
+    return _kfac(name, cls, "low_rank_kfac", **{"short_run": _LOW_RANK_SHORT, "invalid": _LOW_RANK_INVALID, **entry})
 
 
 _LIBRARY_LR = (("lr", -1.0, "learning rate"),)
@@ -164,6 +178,36 @@ _ENTRIES = [
     _kfac("ekfac", "EKFAC"),
     _kfac("tkfac", "TKFAC"),
     _kfac("tekfac", "TEKFAC"),
+    _low_rank("rs_kfac", "RSKFAC"),
+    _low_rank("sre_kfac", "SREKFAC"),
+    _low_rank("b_kfac", "BKFAC"),
+    _low_rank(
+        "b_r_kfac", "BKFAC", kwargs=dict(brand_refresh_every=5), short_run=dict(_LOW_RANK_SHORT, brand_refresh_every=1),
+        invalid=(*_LOW_RANK_INVALID, *_invalid(("brand_refresh_every", 0))),
+    ),  # fmt: skip
+    _low_rank(
+        "b_kfac_c", "BKFAC", kwargs=dict(brand_correction=0.2), invalid=(*_LOW_RANK_INVALID, *_invalid(("brand_correction", 1.5))),
+    ),  # fmt: skip
+    _kfac("kld_wrm_so", "KLDWRM", "kld_wrm", kwargs=dict(form="so"), invalid=(*_KFAC_COMMON_INVALID, *_invalid(("form", "qe")))),
+    _kfac("kld_wrm_q", "KLDWRM", "kld_wrm", kwargs=dict(form="q"), invalid=(*_KFAC_COMMON_INVALID, *_invalid(("form", "qe")))),
+    _kfac(
+        "seng", "SENG", "seng", short_run=dict(update_freq=2, kl_clip=1e-2, sketch_positions=4),
+        invalid=_invalid(
+            ("lr", -1.0), ("momentum", 1.0), ("damping", 0.0), ("weight_decay", -1.0), ("update_freq", 0), ("kl_clip", 0.0),
+            ("sketch_positions", 0), ("output_rank", 0), ("seed", -1), ("adam_eps", 0.0), ("maximize", 1),
+        ),
+    ),  # fmt: skip
+    *(
+        _kfac(
+            name, "Whitening", "whitening", kwargs=dict(recursive=recursive), short_run=dict(curvature_every=1, inverse_every=2),
+            invalid=_invalid(
+                ("lr", -1.0), ("momentum", 1.0), ("stat_decay", -0.1), ("damping", 0.0), ("weight_decay", -1.0),
+                ("curvature_every", 0), ("inverse_every", 2.5), ("recursive", "yes"), ("power_iterations", 0), ("seed", -1),
+                ("adam_eps", 0.0), ("maximize", 1),
+            ),
+        )
+        for name, recursive in (("whitening", False), ("whitening_recursive", True))
+    ),  # fmt: skip
     OptimizerInfo(
         "sgd", "torch.optim.SGD", foreach=True, short_run=dict(lr=1e-2, momentum=0.9),
         invalid=(("lr", -1.0, "learning rate"), ("momentum", -0.5, "momentum"), ("weight_decay", -1.0, "weight_decay")),
