@@ -95,3 +95,42 @@ def eigenbasis_direction(A: np.ndarray, G: np.ndarray, dW: np.ndarray, grad: np.
     QA, QG = np.linalg.eigh(A)[1], np.linalg.eigh(G)[1]
     S = np.mean([(QG.T @ d @ QA) ** 2 for d in dW], axis=0)
     return QG @ ((QG.T @ grad @ QA) / (S + damping)) @ QA.T
+
+
+def truncated_damping(A: np.ndarray, G: np.ndarray, damping: float, min_damping: float) -> tuple[float, float]:
+    """The low-rank K-FACs' rule at full rank: ``lambda_X = max(damping max eig(X), floor_X)``, the floors K-FAC's
+    factored damping of ``min_damping`` (none when it is 0)."""
+    relative = damping * np.linalg.eigvalsh(A).max(), damping * np.linalg.eigvalsh(G).max()
+    if min_damping == 0:
+        return relative
+    floor_a, floor_g = factored_damping(A, G, min_damping)
+    return max(relative[0], floor_a), max(relative[1], floor_g)
+
+
+def explicit_average(batches: list[np.ndarray], decay: float) -> np.ndarray:
+    """``X_k = decay X_{k-1} + C_k C_k^T`` from ``X_0 = 0``, each ``C_k C_k^T`` formed explicitly."""
+    total = np.zeros((batches[0].shape[0],) * 2)
+    for columns in batches:
+        total = decay * total + sum(np.outer(c, c) for c in columns.T)
+    return total
+
+
+def seng_direction(batch: SingleLayerBatch, damping: float) -> np.ndarray:
+    """``(U^T U + lambda I)^-1 g`` with ``U`` ``[N, o i]`` holding ``vec(dW_n) / sqrt(N)``, solved as a dense system."""
+    n = batch.dW.shape[0]
+    U = np.stack([d.reshape(-1) for d in batch.dW]) / np.sqrt(n)
+    F = U.T @ U + damping * np.eye(U.shape[1])
+    return np.linalg.solve(F, batch.grad.reshape(-1)).reshape(batch.grad.shape)
+
+
+def whitened_sgd(weights: np.ndarray, inputs: np.ndarray, targets: np.ndarray, whitening: np.ndarray, lr: float, steps: int) -> np.ndarray:
+    """SGD on a linear layer fed explicitly whitened inputs ``x_hat = P [x; 1]``: weights ``V = W P^-1`` ``[o, i + 1]``,
+    the loss ``cross_entropy(V x_hat, y)`` (mean over the batch), ``V <- V - lr grad_V``; returns ``V P``."""
+    x_hat = torch.from_numpy(np.concatenate([inputs, np.ones((len(inputs), 1))], 1) @ whitening.T)
+    V = torch.from_numpy(weights @ np.linalg.inv(whitening)).requires_grad_()
+    for _ in range(steps):
+        V.grad = None
+        nn.functional.cross_entropy(x_hat @ V.T, torch.from_numpy(targets)).backward()
+        with torch.no_grad():
+            V -= lr * V.grad
+    return V.detach().numpy() @ whitening
