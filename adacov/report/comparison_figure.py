@@ -17,7 +17,9 @@ from adacov.report.runs import Run  # noqa: E402
 # The methods AdaCov is compared with, grouped by what their preconditioner is.
 FAMILIES = {
     "Adam-like and mini-block": ["eadam", "mbf", "sgd"],
-    "K-FAC family": ["kfac", "ekfac", "tkfac", "tekfac"],
+    "K-FAC family": ["kfac", "ekfac", "tkfac", "tekfac", "kld_wrm_so", "kld_wrm_q"],
+    "Low-rank K-FACs": ["rs_kfac", "sre_kfac", "b_kfac", "b_r_kfac", "b_kfac_c"],
+    "SENG and whitening": ["seng", "whitening", "whitening_recursive"],
     "Kronecker peers": ["soap", "shampoo", "kron"],
     "Hessian-based": ["adahessian", "sophia"],
 }

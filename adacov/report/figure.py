@@ -14,8 +14,11 @@ from adacov.report.runs import Run  # noqa: E402
 
 NAMES = {
     "adam": "Adam", "adacov": "AdaCov", "adacov_fast": "AdaCov (fast)", "eadam": "EAdam", "mbf": "MBF",
-    "kfac": "K-FAC", "ekfac": "EKFAC", "tkfac": "TKFAC", "tekfac": "TEKFAC", "soap": "SOAP", "shampoo": "Shampoo",
-    "kron": "PSGD-Kron", "adahessian": "AdaHessian", "sophia": "Sophia-H", "sgd": "SGD",
+    "kfac": "K-FAC", "ekfac": "EKFAC", "tkfac": "TKFAC", "tekfac": "TEKFAC", "rs_kfac": "RS-KFAC",
+    "sre_kfac": "SRE-KFAC", "b_kfac": "B-KFAC", "b_r_kfac": "B-R-KFAC", "b_kfac_c": "B-KFAC-c",
+    "kld_wrm_so": "KLD-WRM (SO)", "kld_wrm_q": "KLD-WRM (Q)", "seng": "SENG", "whitening": "Whitening",
+    "whitening_recursive": "Whitening (recursive)", "soap": "SOAP", "shampoo": "Shampoo", "kron": "PSGD-Kron",
+    "adahessian": "AdaHessian", "sophia": "Sophia-H", "sgd": "SGD",
 }  # fmt: skip
 ORDER = list(NAMES)
 # Above this many optimizers a figure is a comparison (adacov.report.comparison_figure).
