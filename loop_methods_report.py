@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         (args.out / "loop_methods.md").write_text(report_markdown(runs, header))
         plot_report(runs, args.out / "loop_methods")
-        if not batch.empty:
-            print(scaling_exponents(batch).to_string(index=False))
+        exponents = scaling_exponents(batch) if not batch.empty else batch
+        if not exponents.empty:
+            print(exponents.to_string(index=False))
         print(f"wrote loop_methods.md, runs.csv, batch_best_lr.csv, loop_methods.png to {args.out}")
     return 0
 

@@ -88,8 +88,8 @@ def test_each_order_holds_for_a_resumed_epoch_and_across_two_ranks(order):
         assert torch.equal(torch.cat([ranks[0][i], ranks[1][i]]), batch)
 
 
-# 128 images in batches of 32: 4 steps per epoch, 2 epochs.
-TINY = [*SMALL, "data.train_size=128"]
+# 128 8x8 images of 10 classes in batches of 32: 4 steps per epoch, 2 epochs.
+TINY = [*SMALL, "data.train_size=128", "data.image_size=8", "data.num_classes=10"]
 
 
 def interrupted_then_resumed(

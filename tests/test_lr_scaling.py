@@ -64,15 +64,16 @@ def test_scaling_multiplies_every_param_group():
 def test_a_scaled_run_records_its_lr_and_takes_the_steps_of_that_lr(tmp_path, rule, factor):
     """Batch 32 against the reference 128: sqrt halves Adam's lr 0.002 (exactly: both are powers of 2 apart),
     linear quarters it; the run equals one configured at that lr, and environment.json says which lr it used."""
-    from tests.conftest import SMALL, compose_config
+    from tests.conftest import compose_config
+    from tests.test_data_order import TINY
 
     scaled, direct = tmp_path / "scaled", tmp_path / "direct"
     train(
         compose_config(
-            scaled, [*SMALL, "epochs=1", "optimizer.lr=0.002", f"lr_scaling={rule}", "lr_reference_batch=128"]
+            scaled, [*TINY, "epochs=1", "optimizer.lr=0.002", f"lr_scaling={rule}", "lr_reference_batch=128"]
         )
     )
-    train(compose_config(direct, [*SMALL, "epochs=1", f"optimizer.lr={0.002 * factor}"]))
+    train(compose_config(direct, [*TINY, "epochs=1", f"optimizer.lr={0.002 * factor}"]))
     info = json.loads((scaled / "environment.json").read_text())
     assert info["lr_scaling"] == rule and info["lr_factor"] == factor and info["lr"] == [0.002 * factor]
     assert info["config"]["optimizer"]["lr"] == 0.002 and info["config"]["lr_reference_batch"] == 128
@@ -81,7 +82,16 @@ def test_a_scaled_run_records_its_lr_and_takes_the_steps_of_that_lr(tmp_path, ru
 
 
 def test_auto_records_the_rule_it_picked(small_config, tmp_path):
-    train(small_config("epochs=1", "optimizer=sgd", "lr_scaling=auto", "lr_reference_batch=64", "optimizer.lr=0.1"))
+    train(
+        small_config(
+            "epochs=1",
+            "data.image_size=8",
+            "optimizer=sgd",
+            "lr_scaling=auto",
+            "lr_reference_batch=64",
+            "optimizer.lr=0.1",
+        )
+    )
     info = json.loads((tmp_path / "environment.json").read_text())
     assert info["lr_scaling"] == "linear" and info["lr"] == [0.05]
 

@@ -18,7 +18,8 @@ from adacov.training import train
 from adacov.training.loop import check_settings
 from adacov.training.salr import SALR, SALRSettings, salr_factor
 from adacov.training.sharpness import salr_sharpness, top_hessian_eigenvalue
-from tests.test_data_order import interrupted_then_resumed
+from tests.conftest import compose_config
+from tests.test_data_order import TINY, interrupted_then_resumed
 
 pytestmark = pytest.mark.numerics
 
@@ -258,3 +259,14 @@ def test_resume_refuses_a_checkpoint_written_with_the_other_salr_setting(small_c
     train(small_config("epochs=1"))
     with pytest.raises(UserError, match="salr.enabled=True does not match the checkpoint"):
         train(small_config("epochs=2", "resume=true", "salr.enabled=true"))
+
+
+@pytest.mark.parametrize("optimizer", ["adahessian", "kfac"])
+def test_salr_wraps_optimizers_that_need_create_graph_or_hooks(tmp_path, optimizer):
+    """AdaHessian backpropagates with create_graph (the probes take their own gradients first); K-FAC reads its
+    hooks' batches and has a param group per layer: SALR sets every group's lr and reads nothing of theirs."""
+    overrides = [*TINY, "data.train_size=96", "epochs=1", f"optimizer={optimizer}", "salr.enabled=true"]
+    train(compose_config(tmp_path, overrides))
+    history = pd.read_csv(tmp_path / "salr.csv")
+    assert history.step.tolist() == [1, 3] and (history.sharpness > 0).all()
+    assert pd.read_csv(tmp_path / "metrics.csv").loss.notna().all()

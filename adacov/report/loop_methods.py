@@ -1,10 +1,11 @@
 """The report of experiment=loop_methods_*: SALR on and off, the three data orders, and the batch-size lr rule.
 
 One directory holds the runs of all three studies (each run named by every setting they vary). A study is a
-slice of them: SALR and the orders at the experiment's batch size (the one SALR's runs use) and tuned lr
-(``lr_step = 0``); the batch study at ``rr`` without SALR, every batch size and lr. The sharpness at the end
-of a run is measured from its checkpoint (``measure_sharpness``) into ``sharpness.json``, which the report
-reads, so the report itself needs no checkpoint.
+slice of them, all at ``rr`` unless it varies the order: SALR on and off at the experiment's batch size (the
+one SALR's runs use) for every lr that has SALR runs; the orders without SALR at that batch size and the tuned
+lr (``lr_step = 0``); the batch study without SALR, every batch size and lr. The sharpness at the end of each
+SALR-study run is measured from its checkpoint (``measure_sharpness``) into ``sharpness.json``, which the
+report reads, so the report itself needs no checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
+from pandas.api.types import is_numeric_dtype
 
 from adacov.errors import UserError
 from adacov.report.figure import NAMES, _ordered
@@ -31,9 +33,12 @@ from adacov.training.sharpness import salr_sharpness, top_hessian_eigenvalue
 
 SHARPNESS = "sharpness.json"
 ORDERS = ("rr", "so", "ig")
+FLAT = 0.1  # a batch size whose best final loss is within 10% of its highest first-epoch loss trained at no lr
 BATCH_NOTE = (
     "Final train loss (mean over seeds; inf: diverged) at each lr; **bold**: the grid's best; refined: the minimum "
-    "of a parabola in log10(lr) through the best point and its neighbours (the grid's best where that is an edge)."
+    "of a parabola in log10(lr) through the best point and its neighbours (the grid's best where that is an edge); "
+    "flat: the best final loss within 10% of the highest first-epoch loss of the row (no lr trained), left out of "
+    "the fit of alpha."
 )
 
 
@@ -64,6 +69,8 @@ def load_runs(root: Path) -> pd.DataFrame:
             "data_order": info.get("data_order", "rr"),
             "salr": bool(info.get("salr", False)),
             "seed": int(info["seed"]),
+            "epochs": int(info["epochs"]),
+            "first_epoch_loss": float(epochs.train_loss.iloc[0]) if len(epochs) else math.nan,
             "final_train_loss": float(epochs.train_loss.iloc[-1]) if finished else math.inf,
             "final_test_acc": float(epochs.test_acc.iloc[-1]) if finished else math.nan,
             "epoch_time_s": float(epochs.epoch_time_s.mean()) if finished else math.nan,
@@ -83,9 +90,19 @@ def base_batch(runs: pd.DataFrame) -> int:
     return int((varied if not varied.empty else runs).batch_size.mode().iloc[0])
 
 
-def study_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs of the SALR and order studies: the base batch size at the tuned lr."""
-    return runs[(runs.batch_size == base_batch(runs)) & (runs.lr_step == 0)]
+def salr_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """SALR on and off (rr, base batch) at each optimizer's learning rates and epoch count that have SALR runs."""
+    base = runs[(runs.batch_size == base_batch(runs)) & (runs.data_order == "rr")]
+    with_salr = set(zip(base[base.salr].optimizer, base[base.salr].lr, base[base.salr].epochs))
+    return base[[key in with_salr for key in zip(base.optimizer, base.lr, base.epochs)]]
+
+
+def order_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The data orders without SALR at the base batch and the tuned lr, for the optimizers and epoch count that
+    ran so or ig."""
+    chosen = runs[(runs.batch_size == base_batch(runs)) & (runs.lr_step == 0) & ~runs.salr]
+    varied = chosen[chosen.data_order != "rr"]
+    return chosen[chosen.optimizer.isin(varied.optimizer) & chosen.epochs.isin(varied.epochs)]
 
 
 def measure_sharpness(run_dir: Path, images: int = 2048, iterations: int = 20) -> dict[str, float]:
@@ -113,9 +130,9 @@ def measure_sharpness(run_dir: Path, images: int = 2048, iterations: int = 20) -
 
 
 def measure_missing(runs: pd.DataFrame, images: int) -> list[str]:
-    """Write ``sharpness.json`` for each finished study run that has a checkpoint and no such file yet."""
+    """Write ``sharpness.json`` for each finished run of the SALR study that has a checkpoint and no such file yet."""
     measured = []
-    for run in study_runs(runs).itertuples():
+    for run in salr_runs(runs).itertuples():
         run_dir = Path(run.path)
         if run.diverged or (run_dir / SHARPNESS).is_file() or not (run_dir / CHECKPOINT).is_file():
             continue
@@ -125,25 +142,21 @@ def measure_missing(runs: pd.DataFrame, images: int) -> list[str]:
 
 
 def salr_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per optimizer, SALR off and on (rr, base batch, tuned lr): mean ± std over seeds."""
-    chosen = study_runs(runs)
-    chosen = chosen[chosen.data_order == "rr"]
-    return _by_setting(
-        chosen, "salr", ["final_train_loss", "final_test_acc", "salr_sharpness", "hessian_top", "epoch_time_s"]
-    )
+    """Per optimizer and lr0, SALR off and on: mean ± std over seeds."""
+    columns = ["final_train_loss", "final_test_acc", "salr_sharpness", "hessian_top", "epoch_time_s"]
+    return _by_setting(salr_runs(runs), ["lr", "salr"], columns)
 
 
 def order_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per optimizer and data order (no SALR, base batch, tuned lr): mean ± std over seeds."""
-    chosen = study_runs(runs)
-    chosen = chosen[~chosen.salr]
-    return _by_setting(chosen, "data_order", ["final_train_loss", "final_test_acc", "salr_sharpness", "hessian_top"])
+    """Per optimizer and data order: mean ± std over seeds."""
+    return _by_setting(order_runs(runs), ["data_order"], ["final_train_loss", "final_test_acc"])
 
 
-def _by_setting(runs: pd.DataFrame, setting: str, columns: list[str]) -> pd.DataFrame:
+def _by_setting(runs: pd.DataFrame, settings: list[str], columns: list[str]) -> pd.DataFrame:
+    """Mean and std of ``columns`` per optimizer and ``settings``, in the report's order (orders as rr, so, ig)."""
     rows = []
-    for (optimizer, value), group in runs.groupby(["optimizer", setting], sort=False):
-        row = {"optimizer": optimizer, setting: value, "seeds": len(group), "diverged": int(group.diverged.sum())}
+    for values, group in runs.groupby(["optimizer", *settings]):
+        row = dict(zip(["optimizer", *settings], values)) | {"seeds": len(group), "diverged": int(group.diverged.sum())}
         for column in columns:
             row[column] = group[column].mean()
             row[f"{column}_std"] = group[column].std()
@@ -151,17 +164,22 @@ def _by_setting(runs: pd.DataFrame, setting: str, columns: list[str]) -> pd.Data
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    key = {name: i for i, name in enumerate(_ordered(table.optimizer.unique()))}
-    rank = {v: i for i, v in enumerate((False, True) if setting == "salr" else ORDERS)}
-    return table.sort_values(
-        ["optimizer", setting], key=lambda s: s.map(key if s.name == "optimizer" else rank)
-    ).reset_index(drop=True)
+    rank = {name: i for i, name in enumerate([*_ordered(table.optimizer.unique()), *ORDERS])}
+    by = ["optimizer", *settings]
+    return table.sort_values(by, key=lambda c: c if is_numeric_dtype(c) else c.map(rank)).reset_index(drop=True)
 
 
 def batch_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per optimizer and batch size (rr, no SALR): mean final train loss at each lr, the grid's best lr and
-    the best lr refined by a parabola in ``log10(lr)`` through the best point and its two neighbours."""
+    the best lr refined by a parabola in ``log10(lr)`` through the best point and its two neighbours. ``flat``:
+    the best final loss is above ``1 - FLAT`` times the row's highest first-epoch loss (about the initial loss,
+    where some lr hardly moved), so no lr trained and the row has no best lr to speak of. At the base batch only
+    the seeds and epoch count of the other batch sizes' runs count (the other studies ran it on more seeds, maybe
+    for longer)."""
     chosen = runs[(runs.data_order == "rr") & ~runs.salr]
+    others = chosen[chosen.batch_size != base_batch(runs)]
+    if not others.empty:
+        chosen = chosen[chosen.seed.isin(others.seed) & chosen.epochs.isin(others.epochs)]
     rows = []
     for (optimizer, batch), group in chosen.groupby(["optimizer", "batch_size"]):
         losses = group.groupby("lr").final_train_loss.mean().sort_index()
@@ -169,6 +187,7 @@ def batch_table(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         best = int(np.argmin(losses.values))
         edge = best in (0, losses.size - 1)
+        flat = bool(losses.values[best] > (1 - FLAT) * group.first_epoch_loss.max())
         refined = (
             losses.index[best]
             if edge or not np.isfinite(losses.values[best - 1 : best + 2]).all()
@@ -176,7 +195,7 @@ def batch_table(runs: pd.DataFrame) -> pd.DataFrame:
         )
         rows.append({
             "optimizer": optimizer, "batch_size": batch, "best_lr": float(losses.index[best]), "refined_lr": float(refined),
-            "best_loss": float(losses.values[best]), "edge": edge, "seeds": int(group.seed.nunique()),
+            "best_loss": float(losses.values[best]), "edge": edge, "flat": flat, "seeds": int(group.seed.nunique()),
             "losses": {float(lr): float(v) for lr, v in losses.items()},
         })  # fmt: skip
     return pd.DataFrame(rows)
@@ -190,15 +209,19 @@ def _vertex(losses: pd.Series, best: int) -> float:
 
 
 def scaling_exponents(batch: pd.DataFrame) -> pd.DataFrame:
-    """Per optimizer, the slope ``alpha`` of ``log(refined best lr)`` against ``log(B)`` (least squares):
-    linear scaling predicts 1, square-root scaling 0.5."""
+    """Per optimizer, the slope ``alpha`` of ``log(refined best lr)`` against ``log(B)`` (least squares over the
+    batch sizes that are not flat): linear scaling predicts 1, square-root scaling 0.5."""
     rows = []
     for optimizer, group in batch.groupby("optimizer"):
-        if group.batch_size.nunique() < 2:
+        fitted = group[~group.flat]
+        if fitted.batch_size.nunique() < 2:
             continue
-        alpha = float(np.polyfit(np.log(group.batch_size.values), np.log(group.refined_lr.values), 1)[0])
+        alpha = float(np.polyfit(np.log(fitted.batch_size.values), np.log(fitted.refined_lr.values), 1)[0])
         closer = "linear" if abs(alpha - 1.0) < abs(alpha - 0.5) else "square root"
-        rows.append({"optimizer": optimizer, "alpha": alpha, "closer_to": closer, "edge_points": int(group.edge.sum())})
+        rows.append({
+            "optimizer": optimizer, "alpha": alpha, "closer_to": closer, "batch_sizes": ", ".join(map(str, fitted.batch_size)),
+            "edge_points": int(fitted.edge.sum()),
+        })  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -209,12 +232,14 @@ def report_markdown(runs: pd.DataFrame, header: str) -> str:
     if not salr.empty:
         lines += [
             "## SALR", "",
-            "| optimizer | SALR | final train loss | test accuracy | SALR sharpness at the end | top Hessian eigenvalue | s per epoch | seeds |",
-            "|---|---|---|---|---|---|---|---|",
+            ("| optimizer | lr0 | SALR | final train loss | test accuracy | SALR sharpness at the end "
+             "| top Hessian eigenvalue | s per epoch | seeds |"),
+            "|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         for row in salr.itertuples():
             lines.append(
-                f"| {NAMES.get(row.optimizer, row.optimizer)} | {'on' if row.salr else 'off'} | {_pm(row, 'final_train_loss', 4)} | "
+                f"| {NAMES.get(row.optimizer, row.optimizer)} | {row.lr:g} | {'on' if row.salr else 'off'} | "
+                f"{_pm(row, 'final_train_loss', 4)} | "
                 f"{_pm(row, 'final_test_acc', 4)} | {_pm(row, 'salr_sharpness', 4)} | {_pm(row, 'hessian_top', 1)} | "
                 f"{_pm(row, 'epoch_time_s', 2)} | {row.seeds} |"
             )
@@ -223,13 +248,13 @@ def report_markdown(runs: pd.DataFrame, header: str) -> str:
     if not orders.empty:
         lines += [
             "## Data orders", "",
-            "| optimizer | order | final train loss | test accuracy | SALR sharpness at the end | top Hessian eigenvalue | seeds |",
-            "|---|---|---|---|---|---|---|",
+            "| optimizer | order | final train loss | test accuracy | seeds |",
+            "|---|---|---|---|---|",
         ]  # fmt: skip
         for row in orders.itertuples():
             lines.append(
                 f"| {NAMES.get(row.optimizer, row.optimizer)} | {row.data_order} | {_pm(row, 'final_train_loss', 4)} | "
-                f"{_pm(row, 'final_test_acc', 4)} | {_pm(row, 'salr_sharpness', 4)} | {_pm(row, 'hessian_top', 1)} | {row.seeds} |"
+                f"{_pm(row, 'final_test_acc', 4)} | {row.seeds} |"
             )
         lines.append("")
     batch = batch_table(runs)
@@ -243,18 +268,19 @@ def report_markdown(runs: pd.DataFrame, header: str) -> str:
         ]  # fmt: skip
         for row in batch.itertuples():
             cells = [_loss_cell(row.losses.get(lr), lr == row.best_lr) for lr in lrs]
-            edge = " (edge)" if row.edge else ""
+            best = "flat" if row.flat else f"{row.refined_lr:.2g}" + (" (edge)" if row.edge else "")
             lines.append(
-                f"| {NAMES.get(row.optimizer, row.optimizer)} | {row.batch_size} | {' | '.join(cells)} | {row.refined_lr:.2g}{edge} | {row.seeds} |"
+                f"| {NAMES.get(row.optimizer, row.optimizer)} | {row.batch_size} | {' | '.join(cells)} | {best} | {row.seeds} |"
             )
         lines += [
             "",
-            "| optimizer | alpha in best lr ~ B^alpha | closer to | best lr on a grid edge |",
-            "|---|---|---|---|",
+            "| optimizer | alpha in best lr ~ B^alpha | closer to | fitted on batch sizes | best lr on a grid edge |",
+            "|---|---|---|---|---|",
         ]
         for row in scaling_exponents(batch).itertuples():
             lines.append(
-                f"| {NAMES.get(row.optimizer, row.optimizer)} | {row.alpha:.2f} | {row.closer_to} | {row.edge_points} |"
+                f"| {NAMES.get(row.optimizer, row.optimizer)} | {row.alpha:.2f} | {row.closer_to} | {row.batch_sizes} | "
+                f"{row.edge_points} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -277,37 +303,35 @@ def _loss_cell(loss: float | None, best: bool) -> str:
 def plot_report(runs: pd.DataFrame, out: Path) -> Path:
     """``out.png``: SALR's train loss and lr factor per epoch, the orders' train loss, the best lr per batch size."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
-    optimizers = _ordered(study_runs(runs).optimizer.unique())
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(_ordered(runs.optimizer.unique()))}
-    chosen = study_runs(runs)
-    for name in optimizers:
+    with_salr = salr_runs(runs)
+    tuned = dict(zip(runs[runs.lr_step == 0].optimizer, runs[runs.lr_step == 0].lr))
+    for (name, lr), group in with_salr.groupby(["optimizer", "lr"]):
+        width = 1.6 if lr == tuned.get(name) else 0.8  # the tuned lr thick, others thin
         for salr, style in ((False, "-"), (True, "--")):
-            group = chosen[(chosen.optimizer == name) & (chosen.data_order == "rr") & (chosen.salr == salr)]
-            curve = _epoch_mean(group, "train_loss")
+            runs_of = group[group.salr == salr]
+            curve = _epoch_mean(runs_of, "train_loss")
+            label = f"{NAMES.get(name, name)}, lr0 {lr:g}{', SALR' if salr else ''} ({len(runs_of)} seeds)"
             if curve is not None:
-                axes[0, 0].plot(curve.index, curve.values, style, color=colors[name],
-                                label=f"{NAMES.get(name, name)}{', SALR' if salr else ''} ({len(group)} seeds)")  # fmt: skip
-            if salr:
-                factors = _salr_factor_per_epoch(group)
-                if factors is not None:
-                    axes[0, 1].plot(
-                        factors.index, factors.values, style, color=colors[name], label=NAMES.get(name, name)
-                    )
+                axes[0, 0].plot(curve.index, curve.values, style, lw=width, color=colors[name], label=label)
+            factors = _salr_factor_per_epoch(runs_of) if salr else None
+            if factors is not None:
+                axes[0, 1].plot(factors.index, factors.values, style, lw=width, color=colors[name], label=label)
+    orders = order_runs(runs)
+    for name, group in orders.groupby("optimizer"):
         for order, style in zip(ORDERS, ("-", "--", ":")):
-            group = chosen[(chosen.optimizer == name) & (chosen.data_order == order) & ~chosen.salr]
-            curve = _epoch_mean(group, "train_loss")
+            curve = _epoch_mean(group[group.data_order == order], "train_loss")
             if curve is not None:
-                axes[1, 0].plot(
-                    curve.index, curve.values, style, color=colors[name], label=f"{NAMES.get(name, name)}, {order}"
-                )
+                label = f"{NAMES.get(name, name)}, {order}"
+                axes[1, 0].plot(curve.index, curve.values, style, color=colors[name], label=label)
     axes[0, 0].set(yscale="log", xlabel="epoch", ylabel="train loss (epoch mean)", title="SALR on and off")
     axes[0, 1].set(xlabel="epoch", ylabel="SALR's lr / lr0 (epoch mean)", title="the lr SALR set")
     axes[0, 1].axhline(1.0, color="grey", lw=0.8)
     axes[1, 0].set(yscale="log", xlabel="epoch", ylabel="train loss (epoch mean)", title="data orders (no SALR)")
     batch = batch_table(runs)
     ax = axes[1, 1]
-    for name, group in batch.groupby("optimizer"):
-        group = group.sort_values("batch_size")
+    for name, group in batch.groupby("optimizer") if not batch.empty else ():
+        group = group[~group.flat].sort_values("batch_size")
         ax.plot(
             group.batch_size,
             group.refined_lr,
@@ -323,7 +347,10 @@ def plot_report(runs: pd.DataFrame, out: Path) -> Path:
             ax.plot(bs, lr0 * bs / b0, ":", color=colors[name], lw=0.9)
             ax.plot(bs, lr0 * np.sqrt(bs / b0), "--", color=colors[name], lw=0.9)
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="best lr (final train loss)",
-           title="best lr vs batch (dotted: linear, dashed: sqrt from the base batch)")  # fmt: skip
+           title="best lr per batch size\n(dotted: linear, dashed: sqrt scaling from the base batch)")  # fmt: skip
+    sizes = sorted(batch.batch_size.unique()) if not batch.empty else []
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.minorticks_off()
     for axis in axes.flat:
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
