@@ -1,5 +1,6 @@
 # Everything a reader needs: `make reproduce`. `make help` lists the rest.
 PYTHON ?= python3
+comma := ,
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
@@ -21,7 +22,7 @@ PAPER_ENV :=
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-numerics test-gpu bench demo demo-fast tune compare report reproduce data
+.PHONY: help install test test-numerics test-gpu bench demo demo-fast tune compare report loop-methods reproduce data
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -128,6 +129,16 @@ else
 	OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=compare hydra/launcher=joblib hydra.launcher.n_jobs=2
 	$(PY) plot_curves.py results/compare/runs --out results/compare
 endif
+
+# The methods around the optimizer (docs/loop-methods.md): three studies that share runs (resume=true trains each once)
+LOOP_DATA := $(if $(filter fashion_mnist,$(DATA)),fashion_mnist,digits)
+LOOP := OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m resume=true experiment=loop_methods_$(LOOP_DATA)
+
+loop-methods: install ## SALR, data orders and the batch-size lr rule on the demo (~55 min; DATA=fashion_mnist ~3.5 h) -> results/loop_methods/
+	$(LOOP) lr_step=-1,0
+	$(LOOP) salr.enabled=false data_order=rr,so,ig
+	$(LOOP) salr.enabled=false optimizer=adam,adacov,sgd batch_size=32,64,128,256,512 lr_step=-2,-1,0,1,2 seed=$(if $(filter fashion_mnist,$(DATA)),0 epochs=1,0$(comma)1)
+	$(PY) loop_methods_report.py results/loop_methods/$(LOOP_DATA)/runs --out results/loop_methods/$(LOOP_DATA) --measure $(if $(filter fashion_mnist,$(DATA)),--images 512,)
 
 report: install ## rebuild every committed figure and table from the recorded runs in results/ (seconds; no training)
 	$(PY) plot_curves.py results/demo/runs --out results/demo
