@@ -169,3 +169,28 @@ def test_a_comparison_draws_a_panel_per_family_and_a_ranking(tmp_path, monkeypat
     assert figure == walltime == ["Adam-like and mini-block", "K-FAC family", "Kronecker peers"]
     assert len(ranking) == 2 and all(title.startswith("3x3 filters") for title in ranking)
     assert comparison_figure.family_of("tekfac") == "K-FAC family" and comparison_figure.family_of("adam") == "other"
+
+
+def test_every_optimizer_has_a_family_with_its_own_colours():
+    """Each optimizer of the registry is drawn in a family panel (or as a subject or the reference), each family
+    has a colour in the ranking, and no two members of a panel share a colour."""
+    from adacov.optim.registry import OPTIMIZERS
+    from adacov.report.comparison_figure import FAMILIES, FAMILY_COLORS, MEMBER_COLORS, REFERENCE, SUBJECTS
+
+    placed = {name for members in FAMILIES.values() for name in members} | set(SUBJECTS) | {REFERENCE}
+    assert set(OPTIMIZERS) - placed == set()
+    assert set(FAMILY_COLORS) == set(FAMILIES)
+    assert max(len(members) for members in FAMILIES.values()) <= len(set(MEMBER_COLORS))
+
+
+def test_a_cpu_run_is_labelled_by_its_thread_count_not_by_older_text(tmp_path):
+    """Runs logged before ``cpu_name`` said "1 thread" wrote "CPU (1 threads)": they read as "CPU (1 thread)", so
+    titles read correctly and such runs compare with newer ones without a settings warning."""
+    from adacov.report.runs import check_consistent
+
+    for seed, name in enumerate(["CPU (1 threads)", "CPU (1 thread)"]):
+        run = make_run(tmp_path, "adam", 3, seed, 0.1)
+        info = json.loads((run / "environment.json").read_text())
+        (run / "environment.json").write_text(json.dumps({**info, "device": "cpu", "torch_threads": 1, "device_name": name}))
+    runs = load_runs(tmp_path)
+    assert [r.info["device_name"] for r in runs] == ["CPU (1 thread)"] * 2 and check_consistent(runs) == []

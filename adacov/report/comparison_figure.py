@@ -25,8 +25,11 @@ FAMILIES = {
 }
 SUBJECTS = {"adacov": ("#d62728", "-"), "adacov_fast": ("#ff7f0e", "--")}  # drawn on top, in every panel
 REFERENCE = "adam"  # drawn in every panel as the baseline
-MEMBER_COLORS = ["#4c72b0", "#55a868", "#8172b2", "#937860"]
-FAMILY_COLORS = {"Adam-like and mini-block": "#4c72b0", "K-FAC family": "#55a868", "Kronecker peers": "#8172b2", "Hessian-based": "#937860"}
+MEMBER_COLORS = ["#4c72b0", "#55a868", "#8172b2", "#937860", "#64b5cd", "#8c8c8c"]  # muted; a family has at most 6
+FAMILY_COLORS = {
+    "Adam-like and mini-block": "#4c72b0", "K-FAC family": "#55a868", "Low-rank K-FACs": "#64b5cd",
+    "SENG and whitening": "#8c8c8c", "Kronecker peers": "#8172b2", "Hessian-based": "#937860",
+}  # fmt: skip
 
 
 def family_of(name: str) -> str:

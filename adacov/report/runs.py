@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from adacov.errors import UserError
-from adacov.training.run_logger import ENVIRONMENT, EPOCH_FIELDS, EPOCHS, METRICS
+from adacov.training.run_logger import ENVIRONMENT, EPOCH_FIELDS, EPOCHS, METRICS, cpu_name
 
 LABELS = ("optimizer", "kernel_size", "seed", "data", "batch_size", "epochs", "steps_per_epoch", "device_name")
 
@@ -49,7 +49,7 @@ def load_runs(root: Path) -> list[Run]:
         if not env_file.is_file():
             warnings.warn(f"skipping {run_dir}: no {ENVIRONMENT}")
             continue
-        info = json.loads(env_file.read_text())
+        info = _current_labels(json.loads(env_file.read_text()))
         metrics = _read_complete(metrics_file, ("step", "loss", "step_time_s"))
         epochs = _read_complete(run_dir / EPOCHS, ("epoch",)) if (run_dir / EPOCHS).is_file() else pd.DataFrame()
         if metrics.empty:
@@ -59,6 +59,14 @@ def load_runs(root: Path) -> list[Run]:
     if not runs:
         raise UserError(f"no runs below {root}: expected directories with {METRICS} and {ENVIRONMENT} (from train.py)")
     return runs
+
+
+def _current_labels(info: dict) -> dict:
+    """``info`` with a CPU run's device named as :func:`cpu_name` names it now, from its recorded thread count:
+    older runs wrote ``CPU (1 threads)``, which would reach figure titles and make equal settings look different."""
+    if info.get("device") == "cpu" and "torch_threads" in info:
+        info["device_name"] = cpu_name(int(info["torch_threads"]))
+    return info
 
 
 def _read_complete(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
