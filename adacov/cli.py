@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from adacov.errors import NonFiniteLossError, RunError, UserError
+from adacov.errors import DivergenceError, RunError, UserError
 
 
 def check_group_choices(argv: Sequence[str], config_dir: Path) -> None:
@@ -51,7 +51,7 @@ def exit_on_run_error() -> Iterator[None]:
 
 @contextmanager
 def divergence_ends_only_this_sweep_job() -> Iterator[None]:
-    """In a Hydra multirun, a non-finite loss ends its job (logs kept, one ``error:`` line) and the sweep goes on.
+    """In a Hydra multirun, a divergence ends its job (logs kept, one ``error:`` line) and the sweep goes on.
 
     A learning-rate sweep expects some settings to diverge; that is a result to record, not a reason to
     abandon the other jobs. A single run still exits with the error's status; other errors stop a sweep.
@@ -61,7 +61,7 @@ def divergence_ends_only_this_sweep_job() -> Iterator[None]:
 
     try:
         yield
-    except NonFiniteLossError as error:
+    except DivergenceError as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -17,8 +17,16 @@ class DataError(UserError):
     """A dataset that is missing, cannot be downloaded, or fails verification."""
 
 
-class NonFiniteLossError(RunError):
-    """The training loss became NaN or infinite; everything logged before it is kept."""
+class DivergenceError(RunError):
+    """The run diverged; everything logged before it is kept. A sweep records it and goes on."""
+
+
+class NonFiniteLossError(DivergenceError):
+    """The training loss became NaN or infinite."""
+
+
+class OptimizerFailedError(DivergenceError):
+    """The optimizer's step failed to decompose its curvature, which non-finite statistics cause."""
 
 
 class TrainingInterrupted(RunError):

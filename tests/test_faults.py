@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from adacov.errors import NonFiniteLossError
+from adacov.errors import DivergenceError, NonFiniteLossError
 from adacov.training import train
 from adacov.training.checkpoint import CHECKPOINT
 from models.conv6 import ConvNet6
@@ -105,6 +105,33 @@ def test_nonfinite_loss_skip_leaves_the_weights_and_optimizer_untouched(small_co
     state = torch.load(tmp_path / CHECKPOINT, weights_only=False)["optimizer"]["state"]
     assert {int(s["step"]) for s in state.values()} == {7}  # 8 batches, one skipped
     assert all(torch.isfinite(p).all() for p in torch.load(tmp_path / CHECKPOINT, weights_only=False)["model"].values())
+
+
+def test_a_failed_decomposition_is_a_divergence_that_keeps_the_steps_before_it(small_config, tmp_path, monkeypatch):
+    """MBF at 5x5 on Fashion-MNIST blew up to a loss of 1e14, then its Cholesky failed on the next step."""
+    step, calls = torch.optim.Adam.step, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.linalg.LinAlgError("injected: Cholesky failed on 1 blocks")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", failing)
+    with pytest.raises(DivergenceError, match=r"step failed at step 5 \(injected.*\): the run diverged; the 4 steps before it"):
+        train(small_config("optimizer=adam", "epochs=1"))
+    assert pd.read_csv(tmp_path / "metrics.csv").step.tolist() == [1, 2, 3, 4]
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_a_diverging_job_ends_only_itself_in_a_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", *SMALL, "optimizer=sgd", "optimizer.lr=1e12,1e-3", "epochs=1", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the training loss is nan" in errors[0], result.stderr
+    finished = [len(pd.read_csv(path)) for path in sorted(sweep.rglob("epochs.csv"))]
+    assert sorted(finished) == [0, 1]
 
 
 def test_diverging_run_exits_with_one_line(tmp_path):

@@ -98,6 +98,23 @@ def test_outputs_are_written(tmp_path, capsys):
     assert len(pd.read_csv(out / "table1.csv")) == 4
 
 
+def test_a_run_that_diverged_in_its_first_epoch_is_counted_not_averaged(tmp_path):
+    """MBF 5x5 seed 2 on Fashion-MNIST: 80 steps logged, then it diverged; no epoch row."""
+    runs = tmp_path / "multirun"
+    for seed in (0, 1):
+        make_run(runs, "adam", 5, seed, 0.1, final_train_loss=0.5)
+        make_run(runs, "mbf", 5, seed, 0.1, final_train_loss=0.3 + seed)
+    diverged = make_run(runs, "mbf", 5, 2, 0.1)
+    pd.read_csv(diverged / "metrics.csv").head(15).assign(loss=lambda d: d.loss * 1e12).to_csv(diverged / "metrics.csv", index=False)
+    pd.read_csv(diverged / "epochs.csv").head(0).to_csv(diverged / "epochs.csv", index=False)
+
+    finals = build_final_losses(load_runs(runs)).set_index("optimizer")
+    assert finals.loc["MBF", "seeds"] == 2 and finals.loc["MBF", "stopped early"] == 1 and finals.loc["Adam", "stopped early"] == 0
+    assert finals.loc["MBF", "train loss"] == f"{0.8:.4f} ± {np.std([0.3, 1.3], ddof=1):.4f}"
+    assert build_table(load_runs(runs)).set_index("optimizer").loc["MBF", "runs"] == 3
+    assert plot_curves.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+
+
 def test_missing_runs_dir_is_a_clean_error(tmp_path, capsys):
     for runs_dir, message in [(tmp_path / "nope", "does not exist"), (tmp_path / "empty", "no runs below")]:
         (tmp_path / "empty").mkdir(exist_ok=True)

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from adacov.report.runs import Run  # noqa: E402
@@ -21,6 +22,7 @@ NAMES = {
     "adahessian": "AdaHessian", "sophia": "Sophia-H", "sgd": "SGD",
 }  # fmt: skip
 ORDER = list(NAMES)
+ACCURACY_TICKS = [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
 # Above this many optimizers a figure is a comparison (adacov.report.comparison_figure).
 CROWDED = 6
 
@@ -57,8 +59,9 @@ def accuracy_curve(runs: list[Run]) -> pd.DataFrame:
 def plot_figure(runs: list[Run], out: Path, x: str = "epoch", window: int = 10, formats=("png",), title: str = "") -> list[Path]:
     """Write ``out.{format}``: a panel per kernel size, a line per optimizer (mean, +-1 std band over seeds).
 
-    Against epochs, a second row shows the test accuracy after each epoch (mean, +-1 std bars over seeds),
-    when the runs logged it. For a few optimizers, as in the paper; a comparison of many is drawn by
+    The loss axis ends at 1.1x the highest first-step loss; a seed that stopped early (diverged) is marked x
+    at its last step, on the axis's top edge. Against epochs, a second row shows each seed's test accuracy
+    after each epoch, when the runs logged it. For a few optimizers, as in the paper; a comparison of many is drawn by
     :mod:`adacov.report.comparison_figure`.
     """
     kernels = sorted({r.kernel_size for r in runs})
@@ -70,17 +73,21 @@ def plot_figure(runs: list[Run], out: Path, x: str = "epoch", window: int = 10, 
         rows, len(kernels), figsize=(4.6 * len(kernels), 4.2 + 2.8 * (rows - 1)), squeeze=False, sharey="row",
         height_ratios=[3, 2][:rows],
     )  # fmt: skip
+    # The loss axis ends a little above the initial loss: a diverging seed would otherwise flatten every curve.
+    start = 1.1 * max(float(r.metrics.loss.iloc[0]) for r in runs)
     for ax, k in zip(axes[0], kernels):
         for name in optimizers:
             group = [r for r in runs if r.kernel_size == k and r.optimizer == name]
             if not group:
                 continue
             c = curve(group, x, window)
-            seeds = len(group)
-            label = NAMES.get(name, name) + (f" (mean ± 1 std, {seeds} seeds)" if seeds > 1 else "")
+            seeds, stopped = len(group), sum(r.stopped_early for r in group)
+            label = NAMES.get(name, name) + (f" (mean ± 1 std, {seeds} seeds" + (f"; {stopped} stopped early, x)" if stopped else ")") if seeds > 1 else "")
             ax.plot(c[x], c["mean"], color=colors[name], lw=1.2, label=label)
             if seeds > 1:
                 ax.fill_between(c[x], c["mean"] - c["std"], c["mean"] + c["std"], color=colors[name], alpha=0.25, lw=0)
+            for run in (r for r in group if r.stopped_early):
+                ax.plot(c[x][run.metrics.step.iloc[-1]], start, marker="x", ms=8, mew=2, color=colors[name], clip_on=False)
         ax.set_title(f"{k}x{k} filters")
         ax.set_xlabel("epochs" if x == "epoch" else "training time (s, sum of step times)")
         ax.grid(alpha=0.3)
@@ -88,7 +95,7 @@ def plot_figure(runs: list[Run], out: Path, x: str = "epoch", window: int = 10, 
     if accuracy:
         _plot_accuracy(axes[1], runs, kernels, optimizers, colors)
     axes[0][0].set_ylabel(f"training loss (moving average of {window} steps)")
-    axes[0][0].set_ylim(bottom=0)
+    axes[0][0].set_ylim(0, start)
     if title:
         fig.suptitle(title + (" (bottom: test accuracy)" if accuracy else ""), fontsize=10)
     fig.tight_layout()
@@ -102,13 +109,19 @@ def plot_figure(runs: list[Run], out: Path, x: str = "epoch", window: int = 10, 
 
 
 def _plot_accuracy(axes, runs: list[Run], kernels: list[int], optimizers: list[str], colors: dict) -> None:
-    """One panel per kernel size: each optimizer's test accuracy after each epoch, mean with +-1 std bars."""
+    """One panel per kernel size: each seed's test accuracy after each epoch, on a logit axis.
+
+    Seeds, not a mean with bars: where some seeds of an optimizer stay at chance and others learn, a mean
+    lies between them and describes none. The logit axis keeps a difference of one point near 90 %
+    visible on the same panel as a seed at chance (10 %).
+    """
     for ax, k in zip(axes, kernels):
         for name in optimizers:
-            group = [r for r in runs if r.kernel_size == k and r.optimizer == name]
-            if group:
-                acc = accuracy_curve(group)
-                ax.errorbar(acc.epoch, acc["mean"], yerr=acc["std"], color=colors[name], marker="o", ms=3, lw=1.2, capsize=2)
+            for run in (r for r in runs if r.kernel_size == k and r.optimizer == name and not r.epochs.empty):
+                ax.plot(run.epochs.epoch, run.epochs.test_acc, color=colors[name], marker="o", ms=3, lw=1, alpha=0.7)
+        ax.set_yscale("logit")
+        ax.set_yticks(ACCURACY_TICKS, [f"{100 * t:g} %" for t in ACCURACY_TICKS])
+        ax.yaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("epochs")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy after the epoch")
+    axes[0].set_ylabel("test accuracy, each seed (logit axis)")

@@ -9,6 +9,7 @@ the difference of their final losses is taken seed by seed: for seed ``s``,
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pandas as pd
 
@@ -19,7 +20,9 @@ REFERENCES = ("adam", "adacov")
 
 NOTES = """\
 Final epoch: the last row of each run's epochs.csv - train loss is the mean training loss over that
-epoch's steps, test loss and accuracy are measured after it. Cells are mean ± std over seeds. The
+epoch's steps, test loss and accuracy are measured after it. Cells are mean ± std over the seeds that
+finished an epoch; "stopped early" counts the runs that ended before their last epoch (a divergence,
+or a sweep still under way: the run's train.log says which). The
 "vs" columns pair runs by seed (same initial weights, same batches): per seed the relative
 difference of final train loss in percent, then mean ± standard error over the seeds both have."""
 
@@ -54,6 +57,7 @@ def _mean_std(values: pd.Series, digits: int) -> str:
 def build_final_losses(runs: list[Run]) -> pd.DataFrame:
     """One row per (kernel size, optimizer), Adam first: final losses and the paired differences."""
     finals = final_rows(runs)
+    stopped = Counter((r.kernel_size, r.optimizer) for r in runs if r.stopped_early)
     rows = []
     for k in sorted(finals.k.unique()):
         at_k = finals[finals.k == k]
@@ -63,6 +67,7 @@ def build_final_losses(runs: list[Run]) -> pd.DataFrame:
                 "kernel": f"{k}x{k}",
                 "optimizer": NAMES.get(name, name),
                 "seeds": len(group),
+                "stopped early": stopped[(k, name)],
                 "epoch": int(group.epoch.max()),
                 "train loss": _mean_std(group.train_loss, 4),
                 "test loss": _mean_std(group.test_loss, 4),

@@ -32,6 +32,11 @@ class Run:
     def kernel_size(self) -> int:
         return int(self.info["kernel_size"])
 
+    @property
+    def stopped_early(self) -> bool:
+        """Whether the run logged fewer epochs than its config asked for (it diverged, or is still running)."""
+        return len(self.epochs) < int(self.info.get("epochs", len(self.epochs)))
+
 
 def load_runs(root: Path) -> list[Run]:
     """Every run below ``root`` (a directory holding metrics.csv and environment.json).

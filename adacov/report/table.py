@@ -47,7 +47,7 @@ def build_table(runs: list[Run]) -> pd.DataFrame:
             "step_ms": 1e3 * run_step_time(r),
             "epoch_s": run_epoch_time(r),
             "peak_mem_mb": r.epochs.peak_mem_mb.max() if "peak_mem_mb" in r.epochs else float("nan"),
-            "state_mb": r.epochs.optimizer_state_mb.iloc[-1] if "optimizer_state_mb" in r.epochs else float("nan"),
+            "state_mb": r.epochs.optimizer_state_mb.iloc[-1] if "optimizer_state_mb" in r.epochs and not r.epochs.empty else float("nan"),
             "device": r.info.get("device_name", "?"),
         }
         for r in runs

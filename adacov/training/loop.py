@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from adacov.data import ImageData
-from adacov.errors import NonFiniteLossError, TrainingInterrupted, UserError
+from adacov.errors import NonFiniteLossError, OptimizerFailedError, TrainingInterrupted, UserError
 from adacov.optim import KFAC, MBF, kfac_param_groups, mbf_param_groups
 from adacov.training.checkpoint import load_checkpoint, save_checkpoint
 from adacov.training.data_order import DATA_ORDERS, epoch_generator, fixed_order
@@ -161,7 +161,14 @@ class Trainer:
                 loss = nn.functional.cross_entropy(self.net(inputs), y)
                 if not self.skip_nonfinite or all_finite(loss, self.replicas):
                     backward(loss, self.create_graph)
-                    self.optimizer.step()
+                    try:
+                        self.optimizer.step()
+                    except torch.linalg.LinAlgError as error:
+                        self._flush(steps, signals)
+                        raise OptimizerFailedError(
+                            f"the optimizer's step failed at step {position.step + 1} ({error}): the run diverged; the "
+                            f"{position.step} steps before it are logged in {self.run_dir}; lower optimizer.lr"
+                        ) from error
                 steps.timer.stop()
                 position.step += 1
                 position.batch += 1
