@@ -202,7 +202,7 @@ def inversion_times(factor: Tensor, columns: int, rounds: int) -> dict[str, dict
 def inversion_report(results: dict[int, dict[str, dict[int, float]]], columns: int, threads: int) -> list[str]:
     lines = [
         "",
-        f"## Time per inversion of one factor ({threads} torch threads)",
+        f"## Time per inversion of one factor ({threads} torch thread{'' if threads == 1 else 's'})",
         "",
         "The net's own factors after one batch; ms, median over rounds. rsvd / sketched eigh / brand at rank r, and at "
         "the configs' rule r = max(32, ceil(n / 10)); brand adds one batch of "
