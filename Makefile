@@ -98,7 +98,7 @@ FASHION_SWEEP = OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) tra
 FASHION_TUNE := results/fashion_mnist/tune
 FASHION_COMPARE := results/fashion_mnist/compare
 
-tune: install ## the lr sweep on the demo (~75 min) -> results/tune/; DATA=fashion_mnist: 12 optimizers on Fashion-MNIST (~1 h) -> results/fashion_mnist/tune/
+tune: install ## the lr sweep on the demo (~2 h) -> results/tune/; DATA=fashion_mnist: 12 optimizers on Fashion-MNIST (~1 h) -> results/fashion_mnist/tune/
 ifeq ($(DATA),fashion_mnist)
 	$(MAKE) --no-print-directory data DATA=fashion_mnist
 	$(if $(filter true,$(RESUME)),,rm -rf $(FASHION_TUNE)/runs)
@@ -115,10 +115,11 @@ else
 	$(EXTEND) optimizer=shampoo model.kernel_size=3,5 optimizer.lr=0.00001,0.00003
 	$(EXTEND) optimizer=eadam model.kernel_size=3,5 optimizer.lr=0.03,0.1
 	$(EXTEND) optimizer=sgd model.kernel_size=5 optimizer.lr=0.0003,0.001
+	$(EXTEND) optimizer=seng model.kernel_size=3,5 optimizer.lr=0.00001,0.00003
 	$(PY) tune_report.py results/tune/runs --out results/tune
 endif
 
-compare: install ## every optimizer at its tuned lr, seeds 3-5, 3x3/5x5 on the demo (~10 min) -> results/compare/; DATA=fashion_mnist (~2 h) -> results/fashion_mnist/compare/
+compare: install ## every optimizer at its tuned lr, seeds 3-5, 3x3/5x5 on the demo (~20 min) -> results/compare/; DATA=fashion_mnist (~2 h) -> results/fashion_mnist/compare/
 ifeq ($(DATA),fashion_mnist)
 	$(MAKE) --no-print-directory data DATA=fashion_mnist
 	$(if $(filter true,$(RESUME)),,rm -rf $(FASHION_COMPARE)/runs)
