@@ -41,6 +41,7 @@ __all__ = [
     "relative_damping",
     "sketched_eigh",
     "solve_damped",
+    "truncated_dampings",
 ]
 
 LowRank = tuple[Tensor, Tensor]  # (Q [..., n, r], d [..., r])
