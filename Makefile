@@ -62,8 +62,10 @@ test-numerics: install ## the numerically sensitive tests under each CPU kernel 
 test-gpu: install ## run the GPU-marked tests (needs CUDA)
 	$(PY) -m pytest -m gpu
 
-bench: install ## the CPU benchmarks (step time vs Adam, K-FAC cost, profile, direction error, storage) -> results/*_cpu.md
+bench: install ## the CPU benchmarks (step time vs Adam with DDP rows and goals, Fashion-MNIST's net, K-FAC cost, profile and floor, direction error, storage) -> results/*_cpu.md
 	$(PY) benchmarks/optimizer_step.py --optimizers $(BENCH_OPTIMIZERS) --out results/optimizer_step_cpu.md
+	$(PY) benchmarks/optimizer_step.py --optimizers adam adacov adacov_fast --widths 16 16 32 32 64 64 --in-channels 1 \
+		--classes 10 --ddp-ranks --out results/optimizer_step_fashion_mnist_cpu.md
 	$(PY) benchmarks/kfac_cost.py --out results/kfac_cost_cpu.md
 	$(PY) benchmarks/profile_step.py --out results/profile_step_cpu.md
 	$(PY) benchmarks/fast_adacov_direction.py --kernel-sizes 3 5 --epochs 3 --out results/fast_adacov_direction_cpu.md

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -10,11 +11,16 @@ import torch
 
 
 def machine_description(device: torch.device) -> str:
+    """The device, torch and Python; on a CPU also the cores, the threads, and the 1-minute load average when
+    the report is written, flagged when it exceeds the threads this process used (others shared the cores)."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    threads, load = torch.get_num_threads(), os.getloadavg()[0]
+    busy = " - UNDER LOAD: other processes shared the cores, so every time here is slower than on an idle machine"
     return (
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
+        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}; 1-minute load average {load:.1f} when "
+        f"written{busy if load > threads + 0.5 else ''}"
     )
 
 

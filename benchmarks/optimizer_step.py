@@ -1,18 +1,22 @@
 """Training-step and optimizer-step time of each optimizer against torch.optim.Adam (foreach).
 
-All optimizers train their own copy of the paper-style 6-conv net on one fixed CIFAR-shaped batch,
-interleaved round by round in one process (so machine noise hits them alike). Each round times
-one full training step (zero_grad, forward, backward, optimizer step) and, inside it, the optimizer
-step alone. Reports the median and the mean over rounds after a warm-up (the mean includes the
-periodic eigendecompositions of fast AdaCov; the median hides them), the ratio to Adam, the extra
-optimizer time per Adam step (free of the forward/backward noise), and the optimizer state's size.
+All optimizers train their own copy of the paper-style 6-conv net on CIFAR-shaped synthetic batches (a new
+batch each round, the same for every optimizer), interleaved round by round in one process (so machine noise
+hits them alike). Each round times one full training step (zero_grad, forward, backward, optimizer step) and,
+inside it, the optimizer step alone. Reports the median and the mean over rounds after a warm-up (the mean
+includes the eigendecompositions of fast AdaCov; the median hides them), the ratio to Adam, the extra
+optimizer time per Adam step (free of the forward/backward noise), the optimizer state's size, and for fast
+AdaCov the share of its kernels decomposed per step. Then AdaCov's optimizer overhead per rank with 1 and
+with 2 gloo ranks (``ddp_step.py``), and the issue-23 goals against both.
 
     python benchmarks/optimizer_step.py --kernel-sizes 3 5 --rounds 15 --out results/optimizer_step_cpu.md
+    python benchmarks/optimizer_step.py --widths 16 16 32 32 64 64 --in-channels 1 --classes 10  # Fashion-MNIST's net
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -23,9 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import ddp_step
+from adacov.data import make_synthetic
 from adacov.optim.registry import OPTIMIZERS as REGISTRY
 from adacov.training.loop import backward, optimizer_state_bytes
 from bench_report import machine_description, publish
+from decomposition_counter import DecompositionCounter
 from models import ConvNet6
 
 # The K-FAC family as its configs set it: curvature and inverses every 10 steps, KL clipping.
@@ -33,7 +40,7 @@ _KRONECKER = dict(lr=1e-2, curvature_every=10, inverse_every=10, kl_clip=1e-3)
 SETTINGS: dict[str, dict] = {  # each optimizer's settings here; its class and param groups come from the registry
     "adam": dict(lr=1e-3, foreach=True),
     "adacov": dict(lr=1e-3),
-    "adacov_fast": dict(lr=1e-3, basis_refresh_every=10, basis_refresh_warmup=0),
+    "adacov_fast": dict(lr=1e-3, basis_refresh_warmup=0),  # the registry's refresh settings, from the first step
     "eadam": dict(lr=1e-3),
     "mbf": dict(lr=3e-3, weight_decay=0.1),
     "kfac": dict(_KRONECKER, damping=1e-3),
@@ -51,6 +58,14 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
 }
 CREATE_GRAPH = {name for name in SETTINGS if REGISTRY[name].create_graph}  # Hutchinson's products need the graph
 DEFAULT = ["adam", "adacov", "adacov_fast", "mbf"]
+# Issue 23's goals: fast AdaCov's optimizer time over Adam's per Adam step, per kernel size, and exact AdaCov's
+# per-rank overhead with 2 ranks over its overhead in one process.
+FAST_GOALS = {3: 0.05, 5: 0.12}
+DDP_GOAL = 0.6
+
+
+def build(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    return OPTIMIZERS[name](model)
 
 
 class Timer:
@@ -73,20 +88,30 @@ class Timer:
         return end - start
 
 
-def time_kernel_size(kernel_size: int, names: list[str], rounds: int, warmup: int, batch: int, device: torch.device):
-    """Median training-step and optimizer-step seconds for each optimizer name."""
+def net(kernel_size: int, args: argparse.Namespace) -> ConvNet6:
+    return ConvNet6(kernel_size=kernel_size, channels=args.widths, in_channels=args.in_channels, num_classes=args.classes)
+
+
+def time_kernel_size(kernel_size: int, names: list[str], args: argparse.Namespace, device: torch.device) -> dict:
+    """Per optimizer name: median and mean training-step and optimizer-step seconds, state MB, and the share of
+    kernels decomposed per timed step (AdaCov; None for the others)."""
     torch.manual_seed(0)
-    template = ConvNet6(kernel_size=kernel_size).to(device)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 100, (batch,), device=device)
+    template = net(kernel_size, args).to(device)
+    rounds = args.warmup + args.rounds
+    data = make_synthetic(train_size=rounds * args.batch, test_size=1, num_classes=args.classes, channels=args.in_channels, seed=0)
+    mean, std = data.normalizer()
+    inputs = [((x.float() / 255 - mean) / std, y) for x, y in data.train_batches(args.batch, torch.Generator().manual_seed(0))]
     runs = {}
     for name in names:
-        model = ConvNet6(kernel_size=kernel_size).to(device)
+        model = net(kernel_size, args).to(device)
         model.load_state_dict(template.state_dict())
         runs[name] = (model, OPTIMIZERS[name](model))
+    kernels = sum(p[:, :, 0, 0].numel() for p in template.parameters() if p.dim() == 4 and p[0, 0].numel() > 1)
     timer = Timer(device)
     samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in names}
-    for r in range(warmup + rounds):
+    decomposed = dict.fromkeys(names, 0)
+    for r, (x, y) in enumerate(inputs):
+        x, y = x.to(device), y.to(device)
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             model, optimizer = runs[name]
@@ -94,44 +119,97 @@ def time_kernel_size(kernel_size: int, names: list[str], rounds: int, warmup: in
             optimizer.zero_grad(set_to_none=True)
             backward(nn.functional.cross_entropy(model(x), y), create_graph=name in CREATE_GRAPH)
             t1 = timer.start()
-            optimizer.step()
+            with DecompositionCounter() as counter:
+                optimizer.step()
             t2 = timer.start()
-            if r >= warmup:
+            if r >= args.warmup:
                 samples[name][0].append(timer.seconds(t0, t2))
                 samples[name][1].append(timer.seconds(t1, t2))
+                decomposed[name] += counter.blocks
     return {
-        name: (statistics.median(a), statistics.mean(a), statistics.median(b), statistics.mean(b), optimizer_state_bytes(runs[name][1]) / 2**20)
+        name: (statistics.median(a), statistics.mean(a), statistics.median(b), statistics.mean(b),
+               optimizer_state_bytes(runs[name][1]) / 2**20,
+               decomposed[name] / (kernels * args.rounds) if name.startswith("adacov") else None)
         for name, (a, b) in samples.items()
-    }
+    }  # fmt: skip
 
 
-def report(results: dict[int, dict[str, tuple]], args: argparse.Namespace, device: torch.device) -> str:
+def ddp_overheads(kernel_size: int, args: argparse.Namespace) -> dict[int, dict[str, tuple[float, float]]]:
+    """Per number of ranks: AdaCov's (exact and fast) slowest-rank median optimizer step and overhead over Adam."""
+    names = ["adam", "adacov", "adacov_fast"]
+    threads = max(1, (os.cpu_count() or 1) // max(args.ddp_ranks))
+    settings = dict(kernel_size=kernel_size, widths=args.widths, in_channels=args.in_channels, classes=args.classes,
+                    batch=args.batch, names=names, threads=threads, rounds=args.ddp_rounds, warmup=1)  # fmt: skip
+    return {ranks: ddp_step.overheads(ddp_step.step_times(ranks, build, settings), names[1:]) for ranks in args.ddp_ranks}
+
+
+def _goal(found: float, goal: float, unit: str = "%") -> str:
+    scaled = (100 * found, 100 * goal) if unit == "%" else (found, goal)
+    shown = f"{scaled[0]:+.1f} %" if unit == "%" else f"{scaled[0]:.2f}x"
+    target = f"+{scaled[1]:.0f} %" if unit == "%" else f"{scaled[1]:.1f}x"
+    if found <= goal:
+        return f"{shown} (goal <= {target}: met)"
+    return f"{shown} (goal <= {target}: NOT met, {scaled[0] - scaled[1]:.1f}{' points' if unit == '%' else 'x'} over)"
+
+
+def report(results: dict[int, dict[str, tuple]], ddp: dict[int, dict], args: argparse.Namespace, device: torch.device) -> str:
+    fast = {**REGISTRY["adacov_fast"].kwargs, **SETTINGS["adacov_fast"]}
+    fast_text = ", ".join(f"{k}={v}" for k, v in fast.items() if k.startswith("basis"))
     lines = [
         f"Machine: {machine_description(device)}",
-        f"Net: ConvNet6 widths 32-32-64-64-128-128, batch {args.batch}, CIFAR-shaped input; "
-        f"{args.rounds} interleaved rounds after {args.warmup} warm-up rounds. adacov_fast = "
-        "AdaCov(basis_refresh_every=10, basis_refresh_warmup=0); the K-FAC family with curvature and inverses "
-        "every 10 steps (benchmarks/kfac_cost.py splits their cost); the others as their configs set them.",
+        f"Net: ConvNet6 widths {'-'.join(map(str, args.widths))}, {args.in_channels} input channel(s), {args.classes} "
+        f"classes, batch {args.batch}, synthetic 32x32 batches; {args.rounds} interleaved rounds after "
+        f"{args.warmup} warm-up rounds. adacov_fast = AdaCov({fast_text}); the K-FAC family with curvature and "
+        "inverses every 10 steps (benchmarks/kfac_cost.py splits their cost); the others as their configs set them.",
         "",
         "| kernel | optimizer | train step median (ms) | vs Adam | train step mean (ms) | vs Adam "
         "| optimizer step median (ms) | optimizer step mean (ms) | optimizer time over Adam's, per Adam step "
-        "| state (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| state (MB) | kernels decomposed per step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    overhead: dict[tuple[int, str], float] = {}
     for k, per_opt in results.items():
-        base_median, base_mean, _, base_opt_mean, _ = per_opt["adam"]
-        for name, (median, mean, opt_median, opt_mean, state) in per_opt.items():
+        base_median, base_mean, _, base_opt_mean, _, _ = per_opt["adam"]
+        for name, (median, mean, opt_median, opt_mean, state, decomposed) in per_opt.items():
+            overhead[k, name] = (opt_mean - base_opt_mean) / base_mean
+            share = "" if decomposed is None else f"{100 * decomposed:.1f} %"
             lines.append(
                 f"| {k}x{k} | {name} | {median * 1e3:.1f} | {100 * (median / base_median - 1):+.1f} % "
                 f"| {mean * 1e3:.1f} | {100 * (mean / base_mean - 1):+.1f} % | {opt_median * 1e3:.1f} "
-                f"| {opt_mean * 1e3:.1f} | {100 * (opt_mean - base_opt_mean) / base_mean:+.1f} % | {state:.1f} |"
+                f"| {opt_mean * 1e3:.1f} | {100 * overhead[k, name]:+.1f} % | {state:.1f} | {share} |"
             )
     lines += [
         "",
-        "The forward and backward passes are the same for every optimizer, so the next-to-last column, the",
-        "mean optimizer-step time above Adam's divided by Adam's mean training step, is the overhead free of",
-        "their noise. Means include fast AdaCov's periodic eigendecompositions; medians hide them.",
+        "The forward and backward passes are the same for every optimizer, so the column 'optimizer time over",
+        "Adam's, per Adam step', the mean optimizer-step time above Adam's divided by Adam's mean training step, is",
+        "the overhead free of their noise. Means include fast AdaCov's eigendecompositions; medians hide them.",
     ]
+    if ddp:
+        threads = max(1, (os.cpu_count() or 1) // max(args.ddp_ranks))
+        lines += [
+            "",
+            f"AdaCov's optimizer step per rank under torch.distributed (gloo, {threads} torch thread(s) per rank in "
+            f"every run; each rank the same gradient, as DDP averages it; median of {args.ddp_rounds} steps after "
+            "one, slowest rank; benchmarks/ddp_step.py):",
+            "",
+            "| kernel | optimizer | ranks | optimizer step per rank (ms) | overhead over Adam per rank (ms) "
+            "| overhead vs 1 rank |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k, per_ranks in ddp.items():
+            for name in ("adacov", "adacov_fast"):
+                alone = per_ranks[min(per_ranks)][name][1]
+                for ranks, found in per_ranks.items():
+                    step, extra = found[name]
+                    lines.append(f"| {k}x{k} | {name} | {ranks} | {step * 1e3:.1f} | {extra * 1e3:.1f} | {extra / alone:.2f} |")
+    lines += ["", "Goals (issue 23), measured in this run:"]
+    for k, goal in FAST_GOALS.items():
+        if (k, "adacov_fast") in overhead:
+            lines.append(f"- fast AdaCov at {k}x{k}: optimizer time over Adam's, per Adam step, {_goal(overhead[k, 'adacov_fast'], goal)}")
+    for k, per_ranks in ddp.items():
+        if 1 in per_ranks and 2 in per_ranks:
+            ratio = per_ranks[2]["adacov"][1] / per_ranks[1]["adacov"][1]
+            lines.append(f"- exact AdaCov at {k}x{k}: overhead per rank with 2 ranks over 1 rank, {_goal(ratio, DDP_GOAL, 'x')}")
     return "\n".join(lines)
 
 
@@ -142,13 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--widths", type=int, nargs=6, default=[32, 32, 64, 64, 128, 128], help="the 6 conv widths")
+    parser.add_argument("--in-channels", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--ddp-ranks", type=int, nargs="*", default=[1, 2], help="gloo ranks to time AdaCov with (none: skip)")
+    parser.add_argument("--ddp-rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
     args = parser.parse_args(argv)
     names = ["adam"] + [n for n in args.optimizers if n != "adam"]
     device = torch.device(args.device)
-    results = {k: time_kernel_size(k, names, args.rounds, args.warmup, args.batch, device) for k in args.kernel_sizes}
-    publish(report(results, args, device), args.out, "Optimizer step time", "optimizer_step.py", argv)
+    results = {k: time_kernel_size(k, names, args, device) for k in args.kernel_sizes}
+    ddp = {k: ddp_overheads(k, args) for k in args.kernel_sizes} if args.ddp_ranks and device.type == "cpu" else {}
+    publish(report(results, ddp, args, device), args.out, "Optimizer step time", "optimizer_step.py", argv)
     return 0
 
 

@@ -1,11 +1,16 @@
-"""Where AdaCov's optimizer step spends its time, by the regions AdaCov marks for torch.profiler.
+"""Where AdaCov's step spends its time, by the regions AdaCov marks for torch.profiler, and fast AdaCov's cached
+step against its memory-bandwidth floor.
 
-On the paper-width 6-conv net (CPU), with the gradients of one batch: exact AdaCov's step, and fast
-AdaCov's refresh step and cached step (``basis_refresh_every=10``, ``basis_refresh_warmup=0``: steps
-11, 21, 31 refresh; steps 12, 13, 14 use the cached basis). Of 3 profiled steps, the one with the
-median whole-step time is reported. Each
-region's time includes the operators inside it; the rest of the step (the Adam rule for biases and
-the linear layer, bookkeeping) is the remainder.
+On the paper-width 6-conv net (CPU), with the gradients of one batch: exact AdaCov's step, and fast AdaCov's step
+after its first (``basis_refresh_warmup=0``, the registry's refresh settings otherwise): the cached-basis step of
+every kernel, the drift check of the kernels whose turn it is, and the decomposition of those that drifted. Of 3
+profiled steps, the one with the median whole-step time is reported. Each region's time includes the operators
+inside it; the rest of the step (the Adam rule for biases and the linear layer, bookkeeping) is the remainder.
+
+The floor: the bytes the cached step must read and write (gradient, m, folded C, Q, lambda_C and lambda_D of every
+kernel, the parameter; the Adam rule's tensors), over the bandwidth of ``a.add_(b)`` measured in the same run on
+buffers as large as those bytes. The cached step is timed alone (``basis_refresh_every`` so large that no kernel
+is checked), by wall clock, median of 9 steps.
 
     python benchmarks/profile_step.py --out results/profile_step_cpu.md
 """
@@ -13,7 +18,10 @@ the linear layer, bookkeeping) is the remainder.
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,21 +29,23 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from adacov import AdaCov
+from adacov.optim.matrix_functions import folded_width
+from adacov.optim.registry import OPTIMIZERS
 from bench_report import machine_description, publish
 from models import ConvNet6
 
-REGIONS = ("adacov::covariance_update", "adacov::eigh", "adacov::apply_inverse_root", "adacov::store_basis", "adacov::cached_basis_step")
+REGIONS = ("adacov::covariance_update", "adacov::eigh", "adacov::apply_inverse_root", "adacov::store_basis",
+           "adacov::drift_check", "adacov::cached_basis_step")  # fmt: skip
 REPEATS = 3
 STEP_REGION = "Optimizer.step#AdaCov.step"
+FLOOR_GOAL = 2.0  # issue 23: the cached step within 2x of its floor
 
 
-def profiled_ms(optimizer: AdaCov, every: int = 1) -> dict[str, float]:
+def profiled_ms(optimizer: AdaCov) -> dict[str, float]:
     """Milliseconds of ``optimizer.step()`` and of each AdaCov region inside it, for the median (by whole
-    step) of REPEATS steps profiled ``every`` steps apart (the steps between run unprofiled)."""
+    step) of REPEATS profiled steps."""
     samples = []
     for _ in range(REPEATS):
-        for _ in range(every - 1):
-            optimizer.step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             optimizer.step()
         samples.append({event.key: event.cpu_time_total / 1e3 for event in prof.key_averages()})
@@ -43,7 +53,35 @@ def profiled_ms(optimizer: AdaCov, every: int = 1) -> dict[str, float]:
     return {name: middle.get(name, 0.0) for name in (STEP_REGION, *REGIONS)}
 
 
-def profile_kernel_size(kernel_size: int, batch: int) -> dict[str, dict[str, float]]:
+def cached_step_bytes(model: nn.Module) -> int:
+    """Bytes the cached step reads and writes: per kernel block ``d^2`` (Q) ``+ 2 d (d // 2 + 1)`` (folded C, read
+    and written) ``+ 8 d`` (gradient; m, lambda_C, parameter read and written; lambda_D); 7 per other entry
+    (gradient; m, v, parameter read and written)."""
+    floats = 0
+    for p in model.parameters():
+        d = math.prod(p.shape[2:]) if p.dim() >= 3 else 1
+        blocks = p.numel() // d
+        floats += blocks * (d * d + 2 * d * folded_width(d) + 8 * d) if d > 1 else 7 * p.numel()
+    return floats * 4
+
+
+def bandwidth(nbytes: int) -> float:
+    """Bytes per second of ``a.add_(b)`` (reads a and b, writes a) on float32 buffers of ``nbytes / 2`` each."""
+    a, b = torch.rand(nbytes // 8), torch.rand(nbytes // 8)
+    return 3 * a.numel() * 4 / median_seconds(lambda: a.add_(b))
+
+
+def median_seconds(fn, repeats: int = 9) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def profile_kernel_size(kernel_size: int, batch: int) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     torch.manual_seed(0)
     model = ConvNet6(kernel_size=kernel_size)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 100, (batch,))
@@ -52,30 +90,50 @@ def profile_kernel_size(kernel_size: int, batch: int) -> dict[str, dict[str, flo
     for _ in range(2):
         exact.step()
     found = {"exact": profiled_ms(exact)}
-    refreshing = AdaCov(model.parameters(), basis_refresh_every=10, basis_refresh_warmup=0)
-    refreshing.step()
-    found["fast, refresh step"] = profiled_ms(refreshing, every=10)  # steps 11, 21, 31 refresh
-    cached = AdaCov(model.parameters(), basis_refresh_every=10, basis_refresh_warmup=0)
-    for _ in range(11):
-        cached.step()
-    found["fast, cached step"] = profiled_ms(cached)  # steps 12, 13, 14
-    return found
+    fast = AdaCov(model.parameters(), **{**OPTIMIZERS["adacov_fast"].kwargs, "basis_refresh_warmup": 0})
+    for _ in range(2):
+        fast.step()
+    found["fast"] = profiled_ms(fast)
+    cached = AdaCov(model.parameters(), **{**OPTIMIZERS["adacov_fast"].kwargs, "basis_refresh_warmup": 0, "basis_refresh_every": 10**9})
+    cached.step()
+    nbytes = cached_step_bytes(model)
+    rate = bandwidth(nbytes)
+    measured = median_seconds(cached.step)
+    floor = {"MB": nbytes / 2**20, "GB/s": rate / 1e9, "floor ms": 1e3 * nbytes / rate, "cached ms": 1e3 * measured}
+    return found, floor
 
 
-def report(results: dict[int, dict[str, dict[str, float]]], batch: int) -> str:
+def report(results: dict[int, tuple[dict, dict]], batch: int) -> str:
+    fast = ", ".join(f"{k}={v}" for k, v in {**OPTIMIZERS["adacov_fast"].kwargs, "basis_refresh_warmup": 0}.items())
     lines = [
         f"Machine: {machine_description(torch.device('cpu'))}",
         f"Net: ConvNet6 widths 32-32-64-64-128-128, gradients of one batch of {batch}; of {REPEATS} profiled steps, "
-        "the one with the median whole-step time. Fast: basis_refresh_every=10, basis_refresh_warmup=0.",
+        f"the one with the median whole-step time. Fast: AdaCov({fast}), from its third step.",
         "",
         "| kernel | step | whole step (ms) | " + " | ".join(f"`{r}` (ms)" for r in REGIONS) + " | rest (ms) |",
         "|---|---|---|" + "---|" * (len(REGIONS) + 1),
     ]
-    for k, modes in results.items():
+    for k, (modes, _) in results.items():
         for mode, ms in modes.items():
             rest = ms[STEP_REGION] - sum(ms[r] for r in REGIONS)
             cells = " | ".join(f"{ms[r]:.1f}" for r in REGIONS)
             lines.append(f"| {k}x{k} | {mode} | {ms[STEP_REGION]:.1f} | {cells} | {rest:.1f} |")
+    lines += [
+        "",
+        "Fast AdaCov's cached step (every kernel, no check or decomposition; wall clock, median of 9) against its "
+        "memory-bandwidth floor, the bytes it must move over `a.add_(b)`'s bandwidth on buffers of that size:",
+        "",
+        "| kernel | bytes moved (MB) | bandwidth (GB/s) | floor (ms) | cached step (ms) | cached step / floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, (_, f) in results.items():
+        lines.append(f"| {k}x{k} | {f['MB']:.1f} | {f['GB/s']:.1f} | {f['floor ms']:.1f} | {f['cached ms']:.1f} "
+                     f"| {f['cached ms'] / f['floor ms']:.2f} |")  # fmt: skip
+    lines += ["", "Goal (issue 23): the cached step within 2x of its floor, measured in this run:"]
+    for k, (_, f) in results.items():
+        ratio = f["cached ms"] / f["floor ms"]
+        verdict = "met" if ratio <= FLOOR_GOAL else f"NOT met, {ratio / FLOOR_GOAL:.2f}x the goal"
+        lines.append(f"- {k}x{k}: {ratio:.2f}x the floor (goal <= {FLOOR_GOAL:.0f}x: {verdict})")
     return "\n".join(lines)
 
 

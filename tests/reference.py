@@ -124,19 +124,33 @@ class ReferenceMBF:
 
 
 class ReferenceFastAdaCov(ReferenceAdaCov):
-    """AdaCov's cached-basis rule: Q from ``eigh(C_s)`` on refresh steps (every step up to
-    ``warmup``, then every ``every`` steps); in between, the Rayleigh quotients ``diag(Q^T C_s Q)``
-    of the current ``C_s``, computed here directly from the full matrices."""
+    """AdaCov's fast mode (issue 23), kernel by kernel with explicit matrices.
 
-    def __init__(self, shapes, every, warmup, **kw):
+    Each kernel keeps ``Q`` from ``eigh(C_s)`` of its last decomposition and ``lambda_D = diag(Q^T diag(C) Q) /
+    (1 - b2^t)`` as it was then. Every kernel is decomposed at its first step and through the first ``warmup`` steps; after that, step
+    ``t`` checks the kernels ``c B // every <= b < (c + 1) B // every`` of each tensor of ``B`` kernels,
+    ``c = (t - warmup - 1) mod every``, and decomposes those whose basis has drifted: the off-diagonal
+    Frobenius norm of ``A_ij / sqrt(A_ii A_jj)``, ``A = Q^T C_s Q / (1 - b2^t) + cov_eps^2 I``, above
+    ``threshold`` (0: all of them). The step is ``Q (Q^T m_hat) / sqrt(lambda + cov_eps^2)`` with ``lambda = s
+    diag(Q^T C Q) / (1 - b2^t) + (1 - s) lambda_D``, ``diag(Q^T C Q)`` computed here from the full matrices.
+    ``self.decomposed`` counts the kernels decomposed at each step.
+    """
+
+    def __init__(self, shapes, every, warmup, threshold=0.0, **kw):
         super().__init__(shapes, **kw)
-        self.every, self.refresh_warmup, self.Q = every, warmup, {}
+        self.every, self.refresh_warmup, self.threshold = every, warmup, threshold
+        self.Q, self.lam_D, self.decomposed = {}, {}, []
+
+    def _drift(self, Q, C_s, bc):
+        A = Q.T @ C_s @ Q * bc + self.cov_eps**2 * np.eye(len(Q))
+        normalized = A / np.sqrt(np.outer(np.diag(A), np.diag(A)))
+        return np.sqrt(np.sum(normalized**2) - np.sum(np.diag(normalized) ** 2))
 
     def step(self, params, grads):
         self.t += 1
         t, b1, b2 = self.t, self.b1, self.b2
-        s = 1.0 - 10.0 ** (-t / self.offdiag_warmup)
-        refresh = t <= self.refresh_warmup or (t - self.refresh_warmup - 1) % self.every == 0
+        s, bc = 1.0 - 10.0 ** (-t / self.offdiag_warmup), 1.0 / (1 - b2**t)
+        decomposed = 0
         out = []
         for i, (theta, g) in enumerate(zip(params, grads)):
             self.m[i] = b1 * self.m[i] + (1 - b1) * g
@@ -145,20 +159,29 @@ class ReferenceFastAdaCov(ReferenceAdaCov):
                 eps = self.cov_eps if theta.ndim >= 3 else self.eps
                 self.second[i] = b2 * self.second[i] + (1 - b2) * g * g
                 update = m_hat / np.sqrt(self.second[i] / (1 - b2**t) + eps**2)
-            else:
-                update = np.zeros_like(theta)
-                for o in range(theta.shape[0]):
-                    for j in range(theta.shape[1]):
-                        gv = g[o, j].reshape(-1)
-                        C = self.second[i][o, j] = b2 * self.second[i][o, j] + (1 - b2) * np.outer(gv, gv)
-                        C_s = s * C + (1 - s) * np.diag(np.diag(C))
-                        if refresh:
-                            self.Q[i, o, j] = np.linalg.eigh(C_s)[1]
-                        Q = self.Q[i, o, j]
-                        lam = np.einsum("ki,kl,li->i", Q, C_s, Q) / (1 - b2**t)
-                        y = (Q.T @ m_hat[o, j].reshape(-1)) / np.sqrt(np.maximum(lam, 0) + self.cov_eps**2)
-                        update[o, j] = (Q @ y).reshape(theta.shape[2:])
+                out.append(theta * (1 - self.lr * self.wd) - self.lr * update)
+                continue
+            update = np.zeros_like(theta)
+            blocks = theta.shape[0] * theta.shape[1]
+            c = (t - self.refresh_warmup - 1) % self.every
+            checked = range(c * blocks // self.every, (c + 1) * blocks // self.every)
+            for o in range(theta.shape[0]):
+                for j in range(theta.shape[1]):
+                    b = o * theta.shape[1] + j
+                    gv = g[o, j].reshape(-1)
+                    C = self.second[i][o, j] = b2 * self.second[i][o, j] + (1 - b2) * np.outer(gv, gv)
+                    C_s = s * C + (1 - s) * np.diag(np.diag(C))
+                    key = (i, o, j)
+                    if key not in self.Q or t <= self.refresh_warmup or (b in checked and self._drift(self.Q[key], C_s, bc) > self.threshold):
+                        self.Q[key] = np.linalg.eigh(C_s)[1]
+                        self.lam_D[key] = np.einsum("ki,k,ki->i", self.Q[key], np.diag(C), self.Q[key]) * bc
+                        decomposed += 1
+                    Q = self.Q[key]
+                    lam = s * np.einsum("ki,kl,li->i", Q, C, Q) * bc + (1 - s) * self.lam_D[key]
+                    y = (Q.T @ m_hat[o, j].reshape(-1)) / np.sqrt(np.maximum(lam, 0) + self.cov_eps**2)
+                    update[o, j] = (Q @ y).reshape(theta.shape[2:])
             out.append(theta * (1 - self.lr * self.wd) - self.lr * update)
+        self.decomposed.append(decomposed)
         return out
 
 

@@ -5,14 +5,24 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.profiler import record_function
 
 from adacov.optim.base import STEP, BaseOptimizer, lr_value, new_counter, step_grad
-from adacov.optim.matrix_functions import apply_inverse_root, blend_offdiagonal, symmetric_eigh
+from adacov.optim.distributor import Distributor, Job
+from adacov.optim.matrix_functions import (
+    add_folded_outer,
+    apply_inverse_root,
+    blend_offdiagonal,
+    fold_symmetric,
+    folded_width,
+    offdiagonal_mass,
+    symmetric_eigh,
+    unfold_symmetric,
+)
 from adacov.optim.validation import (
     check_betas,
     check_bool,
@@ -24,14 +34,24 @@ from adacov.optim.validation import (
     check_positive_int,
 )
 
-__all__ = ["AdaCov", "STEP", "EXP_AVG", "EXP_AVG_SQ", "EXP_COV", "BASIS", "BASIS_EIG_COV", "BASIS_EIG_DIAG", "update_covariance", "uses_covariance"]
+__all__ = [
+    "AdaCov", "STEP", "EXP_AVG", "EXP_AVG_SQ", "EXP_COV", "EXP_COV_FOLDED", "EXP_COV_SCALE", "BASIS", "BASIS_EIG_COV",
+    "BASIS_EIG_DIAG", "folded_covariance", "update_covariance", "uses_covariance",
+]  # fmt: skip
 
 EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
-EXP_COV = "exp_cov"
-BASIS = "basis"  # fast mode: Q of the last eigendecomposition, [O*I, d, d]
-BASIS_EIG_COV = "basis_eig_cov"  # fast mode: diag(Q^T C Q), tracked every step, [O*I, d]
-BASIS_EIG_DIAG = "basis_eig_diag"  # fast mode: diag(Q^T diag(C) Q), tracked every step, [O*I, d]
+EXP_COV = "exp_cov"  # exact mode: C, [O*I, d, d]
+EXP_COV_FOLDED = "exp_cov_folded"  # fast mode: C / c folded (matrix_functions.fold_symmetric), [O*I, d // 2 + 1, d]
+EXP_COV_SCALE = "exp_cov_scale"  # fast mode: c, a Python float (load_state_dict would cast a tensor to the dtype of p)
+BASIS = "basis"  # fast mode: Q of the kernel's last eigendecomposition, [O*I, d, d]
+BASIS_EIG_COV = "basis_eig_cov"  # fast mode: lambda_C = diag(Q^T C Q), tracked every step, [O*I, d]
+BASIS_EIG_DIAG = "basis_eig_diag_hat"  # fast mode: diag(Q^T diag(C) Q) / (1 - beta2^t) at the refresh, [O*I, d]
+# Fast mode before issue 23 kept C unfolded and tracked diag(Q^T diag(C) Q) every step under this key.
+_TRACKED_EIG_DIAG = "basis_eig_diag"
+# Fast mode folds the decay beta2 of C into the scale c, so that a step reads and writes the folded blocks once;
+# c multiplies into them when it falls below this.
+_SMALLEST_SCALE = 2.0**-20
 
 
 def uses_covariance(p: Tensor) -> bool:
@@ -67,18 +87,30 @@ class AdaCov(BaseOptimizer):
     decoupled (AdamW): ``theta <- theta * (1 - lr * weight_decay)`` before the update. ``maximize`` steps
     along ``-g``: the same steps as minimizing the negated loss.
 
-    Fast mode (``basis_refresh_every = T > 1``): the eigenbasis ``Q`` of ``C_s`` is recomputed only
-    every ``T`` steps (and every step during the first ``basis_refresh_warmup`` steps). In between,
-    the step uses the cached ``Q`` with the exact Rayleigh quotients of the current ``C_s`` in it,
-    ``lambda = diag(Q^T C_s Q) = s(t) diag(Q^T C Q) + (1 - s(t)) (Q o Q)^T diag(C)``, both terms tracked
-    by their exact recursions ``lambda_C <- beta2 lambda_C + (1 - beta2) (Q^T g)^2`` and
-    ``lambda_D <- beta2 lambda_D + (1 - beta2) (Q o Q)^T g^2`` (SOAP / EKFAC style), and applies
-    ``Q ((Q^T m_hat) / sqrt(lambda / (1 - beta2^t) + cov_eps^2))``. On a refresh step it equals the
-    exact step; ``T = 1`` is the exact algorithm, bit for bit.
+    Fast mode (``basis_refresh_every = T > 1``) keeps each kernel's eigenbasis ``Q`` of ``C_s`` between
+    decompositions and steps with the Rayleigh quotients of the current ``C_s`` in it,
+    ``lambda = s(t) lambda_C + (1 - s(t)) lambda_D``: ``lambda_C = diag(Q^T C Q)`` tracked exactly,
+    ``lambda_C <- beta2 lambda_C + (1 - beta2) (Q^T g)^2`` (SOAP / EKFAC style), and ``lambda_D = diag(Q^T
+    diag(C) Q) / (1 - beta2^t)`` as it was at the kernel's last decomposition (it enters with weight
+    ``1 - s(t) <= 0.1`` after one ``offdiag_warmup``, and the diagonal of C moves by about ``T (1 - beta2)``
+    relative in ``T`` steps). The step is ``Q ((Q^T m_hat) / sqrt(s lambda_C / (1 - beta2^t) + (1 - s)
+    lambda_D + cov_eps^2))``; right after a decomposition it is the exact step. Every kernel is decomposed
+    every step during the first ``basis_refresh_warmup`` steps. After that, each step checks ``1/T`` of each
+    tensor's kernels (a contiguous range, so every kernel is checked every ``T`` steps and no step spikes) and
+    decomposes those whose basis has drifted: ``offdiagonal_mass(Q^T C_s Q) > basis_drift_threshold``, the
+    off-diagonal entries of ``C_s`` in the cached basis relative to its diagonal as the inverse root weighs
+    them (``matrix_functions.offdiagonal_mass``; 0 decomposes every checked kernel). C is stored folded
+    (``d // 2 + 1`` circular diagonals: each distinct entry of the symmetric block once for odd ``d``) as
+    ``C = c F``, so the step's ``C <- beta2 C + (1 - beta2) g g^T`` is ``c <- beta2 c``,
+    ``F <- F + (1 - beta2) / c g g^T``: one pass over F.
+    ``T = 1`` is the exact algorithm, bit for bit.
 
     The inverse root is applied as ``Q diag((w / (1 - beta2^t) + cov_eps^2)^-1/2) Q^T m_hat`` from
     one batched eigendecomposition ``C_s = Q diag(w) Q^T`` per kernel size, over all tensors at once;
-    eigenvalues are clamped at 0 before the root.
+    eigenvalues are clamped at 0 before the root. Under ``torch.distributed`` with more than one rank (DDP:
+    every rank holds the same state and sees the same averaged gradient), the ranks share each step's
+    decompositions: each decomposes its share of the kernels, balanced by cost, and the results are
+    all-gathered (``adacov.optim.distributor``), so the state stays identical on every rank.
 
     Args:
         params: tensors or param groups.
@@ -89,15 +121,21 @@ class AdaCov(BaseOptimizer):
         offdiag_warmup: time constant, in steps, of ``s(t)`` (default 390, about one CIFAR epoch at
             batch 128).
         weight_decay: decoupled weight decay (default 0).
-        basis_refresh_every: steps between eigendecompositions (default 1: the exact algorithm).
-        basis_refresh_warmup: steps at the start that always refresh (default 390, one CIFAR epoch at
+        basis_refresh_every: steps between checks of a kernel's cached basis (default 1: the exact algorithm).
+        basis_refresh_warmup: steps at the start that decompose every kernel (default 390, one CIFAR epoch at
             batch 128: while ``s(t)`` rises from 0 to 0.9 and the average holds few gradients, the
             covariance and its basis change fastest; this is 1/20 of the paper's training).
+        basis_drift_threshold: a checked kernel is decomposed again when its ``offdiagonal_mass`` exceeds this
+            (default 0.1; 0: every checked kernel).
         maximize: maximize the objective instead of minimizing it (default False).
+        shard_decompositions: share the decompositions among the ranks of an initialized process group
+            with more than one rank (default True). Turn it off when the ranks' gradients differ (no DDP).
 
-    State per tensor: ``step``; ``exp_avg`` (m, shaped as the tensor); ``exp_cov`` (``[O*I, d, d]``)
-    for kernel blocks or ``exp_avg_sq`` (v) otherwise; in fast mode also ``basis``,
-    ``basis_eig_cov`` and ``basis_eig_diag``.
+    State per tensor: ``step``; ``exp_avg`` (m, shaped as the tensor); for kernel blocks ``exp_cov``
+    (``[O*I, d, d]``) in exact mode, or in fast mode ``exp_cov_folded`` (``[O*I, d // 2 + 1, d]``),
+    ``exp_cov_scale``, ``basis``, ``basis_eig_cov`` and ``basis_eig_diag_hat``; ``exp_avg_sq`` (v) for other tensors. A checkpoint of the
+    other mode, or of fast mode's earlier layout (C unfolded, ``basis_eig_diag`` tracked), is converted on
+    the next step.
     """
 
     def __init__(
@@ -111,8 +149,10 @@ class AdaCov(BaseOptimizer):
         weight_decay: float = 0.0,
         basis_refresh_every: int = 1,
         basis_refresh_warmup: int = 390,
+        basis_drift_threshold: float = 0.1,
         *,
         maximize: bool = False,
+        shard_decompositions: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -123,7 +163,9 @@ class AdaCov(BaseOptimizer):
             weight_decay=weight_decay,
             basis_refresh_every=basis_refresh_every,
             basis_refresh_warmup=basis_refresh_warmup,
+            basis_drift_threshold=basis_drift_threshold,
             maximize=maximize,
+            shard_decompositions=shard_decompositions,
         )
         _validate(defaults)
         super().__init__(params, defaults)
@@ -134,20 +176,15 @@ class AdaCov(BaseOptimizer):
 
     def _init_buffers(self) -> None:
         self._workspace = EighWorkspace()
-        self._basis_cache = BasisCache()
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held now: each state entry summed over tensors, plus the buffers that are not state.
-
-        ``"basis caches"`` is fast mode's ``Q o Q`` (derived from ``basis``, rebuilt after loading);
-        ``"eigh workspace"`` is the reused input and output of the batched ``eigh``.
-        """
+        """Bytes held now: each state entry summed over tensors, plus ``"eigh workspace"``, the reused input and
+        output of the batched ``eigh`` (not state)."""
         held: dict[str, int] = defaultdict(int)
         for state in self.state.values():
             for key, value in state.items():
                 if torch.is_tensor(value):
                     held[key] += value.numel() * value.element_size()
-        held["basis caches"] = self._basis_cache.nbytes()
         held["eigh workspace"] = self._workspace.nbytes()
         return dict(held)
 
@@ -159,7 +196,7 @@ class AdaCov(BaseOptimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        blocks_by_size: dict[tuple, list[tuple[Tensor, Tensor, dict, dict]]] = defaultdict(list)
+        kernels: dict[tuple, list[Kernel]] = defaultdict(list)
         for group in self.param_groups:
             diagonal: list[tuple[Tensor, Tensor, dict, float]] = []
             for p in group["params"]:
@@ -169,26 +206,31 @@ class AdaCov(BaseOptimizer):
                     raise RuntimeError("AdaCov does not support sparse gradients; use dense gradients")
                 state = self.state[p]
                 if not state:
-                    _init_state(p, state)
+                    _init_state(p, state, group)
+                elif uses_covariance(p):
+                    _match_layout(state, group)
                 state[STEP] += 1
-                if EXP_COV in state:
-                    d = state[EXP_COV].shape[-1]
-                    blocks_by_size[(d, p.dtype, p.device)].append((p, step_grad(p, group), state, group))
+                if uses_covariance(p):
+                    fast = group["basis_refresh_every"] > 1
+                    key = (fast, math.prod(p.shape[2:]), p.dtype, p.device, group["shard_decompositions"])
+                    kernels[key].append(Kernel(p, step_grad(p, group), state, group))
                 else:
                     eps = group["cov_eps"] if p.dim() >= 3 else group["eps"]
                     diagonal.append((p, step_grad(p, group), state, eps))
             if diagonal:
                 _diagonal_step(group, diagonal)
-        for jobs in blocks_by_size.values():
-            refresh, cached = [], []
-            for job in jobs:
-                (refresh if _refresh_due(job[2], job[3]) else cached).append(job)
-            _update_moments(jobs)
-            if refresh:
-                _refresh_step(refresh, self._workspace, self._basis_cache)
-            for job in cached:
-                _cached_basis_step(*job, self._basis_cache)
+        for (fast, *_, shared), jobs in kernels.items():
+            (_fast_step if fast else _exact_step)(jobs, self._workspace, Distributor(shared))
         return loss
+
+
+class Kernel(NamedTuple):
+    """A tensor of kernel blocks in this step: the parameter, the gradient it descends, its state and group."""
+
+    p: Tensor
+    grad: Tensor
+    state: dict
+    group: dict
 
 
 def _validate(h: dict[str, Any]) -> None:
@@ -200,17 +242,54 @@ def _validate(h: dict[str, Any]) -> None:
     check_nonnegative("weight_decay", h["weight_decay"])
     check_positive_int("basis_refresh_every", h["basis_refresh_every"])
     check_nonnegative_int("basis_refresh_warmup", h["basis_refresh_warmup"])
+    check_nonnegative("basis_drift_threshold", h["basis_drift_threshold"])
     check_bool("maximize", h["maximize"])
+    check_bool("shard_decompositions", h["shard_decompositions"])
 
 
-def _init_state(p: Tensor, state: dict[str, Tensor]) -> None:
+def _init_state(p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
     state[STEP] = new_counter(p)
     state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.contiguous_format)
     if uses_covariance(p):
         d = math.prod(p.shape[2:])
-        state[EXP_COV] = p.new_zeros(p.shape[0] * p.shape[1], d, d)
+        blocks = p.shape[0] * p.shape[1]
+        if group["basis_refresh_every"] > 1:
+            state[EXP_COV_FOLDED] = p.new_zeros(blocks, folded_width(d), d)
+            state[EXP_COV_SCALE] = 1.0
+        else:
+            state[EXP_COV] = p.new_zeros(blocks, d, d)
     else:
         state[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _match_layout(state: dict[str, Tensor], group: dict[str, Any]) -> None:
+    """Put a kernel tensor's state in its group's layout: C folded with a basis in fast mode, C full in exact mode.
+
+    Converts state loaded from the other mode, or from fast mode before issue 23 (C full, ``lambda_D`` tracked
+    every step, which becomes the frozen ``lambda_D`` of the last step). A kernel without a basis is decomposed at
+    its next step.
+    """
+    if group["basis_refresh_every"] > 1 and EXP_COV in state:
+        state[EXP_COV_FOLDED] = fold_symmetric(state.pop(EXP_COV))
+        state[EXP_COV_SCALE] = 1.0
+        tracked = state.pop(_TRACKED_EIG_DIAG, None)
+        if tracked is None:
+            state.pop(BASIS, None)
+            state.pop(BASIS_EIG_COV, None)
+        else:
+            state[BASIS_EIG_DIAG] = tracked / (1.0 - group["betas"][1] ** int(state[STEP].item()))
+    elif group["basis_refresh_every"] == 1 and EXP_COV_FOLDED in state:
+        state[EXP_COV] = folded_covariance(state)
+        for key in (EXP_COV_FOLDED, EXP_COV_SCALE, BASIS, BASIS_EIG_COV, BASIS_EIG_DIAG):
+            state.pop(key, None)
+
+
+def folded_covariance(state: dict[str, Tensor], rows: Tensor | slice = slice(None), out: Tensor | None = None) -> Tensor:
+    """Fast mode's ``C`` of the kernels ``rows`` as full blocks ``[n, d, d]`` (into ``out`` if given)."""
+    folded = state[EXP_COV_FOLDED][rows]
+    d = folded.shape[-1]
+    out = folded.new_empty(folded.shape[0], d, d) if out is None else out
+    return unfold_symmetric(folded, out).mul_(float(state[EXP_COV_SCALE]))
 
 
 def _diagonal_step(group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict, float]]) -> None:
@@ -233,72 +312,40 @@ def _diagonal_step(group: dict[str, Any], items: list[tuple[Tensor, Tensor, dict
 
 
 class EighWorkspace:
-    """Buffers ``(A, w, Q)`` per block shape, reused from step to step (not optimizer state).
+    """Buffers ``(A, w, Q)`` per block size, reused from step to step (not optimizer state).
 
     A fresh 80 MB buffer each step costs more in page faults than the arithmetic on it
-    (31,840 5x5 blocks: 37 ms to fill a new one, 5.5 ms to refill an old one, 2 CPU cores).
+    (31,840 5x5 blocks: 37 ms to fill a new one, 5.5 ms to refill an old one, 2 CPU cores). A request gets
+    views of the first ``blocks`` rows; the buffers grow to fit and shrink to fit a request below a quarter of
+    them (fast mode decomposes every kernel during its warm-up, then a few per step).
     """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
     def get(self, blocks: int, d: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        key = (blocks, d, like.dtype, like.device)
-        if key not in self._buffers:
-            self._buffers = {k: v for k, v in self._buffers.items() if k[1:] != key[1:]}
-            self._buffers[key] = (like.new_empty(blocks, d, d), like.new_empty(blocks, d), like.new_empty(blocks, d, d))
-        return self._buffers[key]
+        key = (d, like.dtype, like.device)
+        held = self._buffers.get(key)
+        if held is None or not blocks <= held[1].shape[0] <= 4 * blocks:
+            held = (like.new_empty(blocks, d, d), like.new_empty(blocks, d), like.new_empty(blocks, d, d))
+            self._buffers[key] = held
+        return held[0][:blocks], held[1][:blocks], held[2][:blocks]
 
     def nbytes(self) -> int:
         """Bytes of every buffer held."""
         return sum(b.numel() * b.element_size() for buffers in self._buffers.values() for b in buffers)
 
 
-class BasisCache:
-    """``Q o Q`` of each tensor's cached basis, for ``lambda_D``: derived from state, never saved.
-
-    Rebuilt from ``state["basis"]`` when missing, e.g. after ``load_state_dict``. ``Q^T`` needs no
-    copy: a row vector times the transposed view ``Q.mT`` is as fast as times a contiguous ``Q^T``
-    (31,840 5x5 blocks: 3.4 ms and 3.8 ms, 2 CPU cores), while ``Q`` times a column takes 6.6 ms.
-    """
-
-    def __init__(self) -> None:
-        self._derived: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def refresh(self, p: Tensor, Q: Tensor) -> Tensor:
-        old = self._derived.get(id(p))
-        Q_sq = old[1] if old is not None and old[1].shape == Q.shape else torch.empty_like(Q)
-        torch.mul(Q, Q, out=Q_sq)
-        self._derived[id(p)] = (Q, Q_sq)
-        return Q_sq
-
-    def nbytes(self) -> int:
-        """Bytes of the ``Q o Q`` copies (``Q`` itself is optimizer state)."""
-        return sum(Q_sq.numel() * Q_sq.element_size() for _, Q_sq in self._derived.values())
-
-    def get(self, p: Tensor, Q: Tensor) -> Tensor:
-        cached = self._derived.get(id(p))
-        if cached is None or cached[0] is not Q:
-            return self.refresh(p, Q)
-        return cached[1]
-
-
-def _refresh_due(state: dict, group: dict) -> bool:
-    """Exact path (T = 1), no basis yet, the warm-up, or every T-th step after it."""
-    every = group["basis_refresh_every"]
-    if every == 1 or BASIS not in state:
-        return True
-    t, warmup = int(state[STEP].item()), group["basis_refresh_warmup"]
-    return t <= warmup or (t - warmup - 1) % every == 0
-
-
-def _update_moments(jobs: list[tuple[Tensor, Tensor, dict, dict]]) -> None:
-    """``m <- beta1 m + (1 - beta1) g`` and ``C <- beta2 C + (1 - beta2) g g^T`` for every kernel block."""
-    with record_function("adacov::covariance_update"):
-        for _, grad, state, group in jobs:
-            beta1, beta2 = group["betas"]
-            state[EXP_AVG].lerp_(grad, 1.0 - beta1)
-            update_covariance(state[EXP_COV], grad.reshape(-1, state[EXP_COV].shape[-1]), beta2)
+def _segments(sizes: list[int], start: int, stop: int) -> list[tuple[int, int, int, int]]:
+    """``(i, a, b, at)``: rows ``a:b`` of item ``i`` are rows ``at:at + b - a`` of ``start:stop`` of the items
+    ``sizes`` laid end to end."""
+    found, offset = [], 0
+    for i, size in enumerate(sizes):
+        a, b = max(start - offset, 0), min(stop - offset, size)
+        if a < b:
+            found.append((i, a, b, offset + a - start))
+        offset += size
+    return found
 
 
 def update_covariance(C: Tensor, g: Tensor, beta2: float) -> None:
@@ -309,73 +356,180 @@ def update_covariance(C: Tensor, g: Tensor, beta2: float) -> None:
     C.mul_(beta2).addcmul_(g.unsqueeze(-1), g.unsqueeze(-2), value=1.0 - beta2)
 
 
-def _refresh_step(jobs: list[tuple[Tensor, Tensor, dict, dict]], workspace: EighWorkspace, cache: BasisCache) -> None:
-    """The exact step for tensors sharing one block size ``d``: one batched ``eigh`` for all of them.
+def _exact_step(kernels: list[Kernel], workspace: EighWorkspace, distributor: Distributor) -> None:
+    """The paper's step for tensors sharing one block size ``d``: one batched ``eigh`` of every block's ``C_s``,
+    its share of the blocks on each rank, and the directions gathered."""
+    d = kernels[0].state[EXP_COV].shape[-1]
+    with record_function("adacov::covariance_update"):
+        for k in kernels:
+            k.state[EXP_AVG].lerp_(k.grad, 1.0 - k.group["betas"][0])
+            update_covariance(k.state[EXP_COV], k.grad.reshape(-1, d), k.group["betas"][1])
+    sizes = [k.state[EXP_COV].shape[0] for k in kernels]
 
-    Tensors in fast mode also keep the new basis and the Rayleigh quotients that it starts from.
-    """
-    d = jobs[0][2][EXP_COV].shape[-1]
-    sizes = [state[EXP_COV].shape[0] for _, _, state, _ in jobs]
-    stacked, w, Q = workspace.get(sum(sizes), d, like=jobs[0][2][EXP_COV])
-    for (_, _, state, group), block in zip(jobs, stacked.split(sizes)):
-        blend_offdiagonal(state[EXP_COV], _scale(state, group), out=block)
-    with record_function("adacov::eigh"):
-        symmetric_eigh(stacked, out=(w, Q))
-    with record_function("adacov::apply_inverse_root"):
-        for (p, _, state, group), w_p, Q_p in zip(jobs, w.split(sizes), Q.split(sizes)):
-            t = int(state[STEP].item())
-            direction = apply_inverse_root(
-                Q_p, w_p, state[EXP_AVG].view(-1, d), shift=group["cov_eps"] ** 2, scale=1.0 / (1.0 - group["betas"][1] ** t)
-            )
-            _apply(p, direction, t, group)
-    with record_function("adacov::store_basis"):
-        for (p, _, state, group), Q_p in zip(jobs, Q.split(sizes)):
-            if group["basis_refresh_every"] > 1:
-                _store_basis(p, state, Q_p, cache)
+    def directions(start: int, stop: int) -> Tensor:
+        pieces = _segments(sizes, start, stop)
+        stacked, w, Q = workspace.get(stop - start, d, like=kernels[0].state[EXP_COV])
+        for i, a, b, at in pieces:
+            blend_offdiagonal(kernels[i].state[EXP_COV][a:b], _scale(kernels[i]), out=stacked[at : at + b - a])
+        with record_function("adacov::eigh"):
+            symmetric_eigh(stacked, out=(w, Q))
+        found = stacked.new_empty(stop - start, d)
+        with record_function("adacov::apply_inverse_root"):
+            for i, a, b, at in pieces:
+                k = kernels[i]
+                found[at : at + b - a] = apply_inverse_root(
+                    Q[at : at + b - a], w[at : at + b - a], k.state[EXP_AVG].view(-1, d)[a:b], shift=k.group["cov_eps"] ** 2,
+                    scale=_bias_correction(k),
+                )  # fmt: skip
+        return found
 
-
-def _store_basis(p: Tensor, state: dict, Q: Tensor, cache: BasisCache) -> None:
-    """Keep ``Q`` with ``lambda_C = diag(Q^T C Q)`` and ``lambda_D = (Q o Q)^T diag(C)``."""
-    C = state[EXP_COV]
-    if BASIS not in state:
-        state[BASIS] = torch.empty_like(Q)
-        state[BASIS_EIG_COV] = Q.new_empty(Q.shape[:-1])
-        state[BASIS_EIG_DIAG] = Q.new_empty(Q.shape[:-1])
-    state[BASIS].copy_(Q)
-    torch.sum(torch.bmm(C, Q).mul_(Q), dim=-2, out=state[BASIS_EIG_COV])
-    Q_sq = cache.refresh(p, state[BASIS])
-    diagonal = C.diagonal(dim1=-2, dim2=-1).contiguous()  # a strided operand sends bmm down a per-block path
-    state[BASIS_EIG_DIAG].copy_(torch.bmm(diagonal.unsqueeze(1), Q_sq).squeeze(1))
+    job = Job(sum(sizes), d**3, d, kernels[0].p.dtype, kernels[0].p.device, directions)
+    (found,) = distributor.run([job])
+    for k, direction in zip(kernels, found.split(sizes)):
+        _apply(k, direction)
 
 
-def _cached_basis_step(p: Tensor, grad: Tensor, state: dict, group: dict, cache: BasisCache) -> None:
-    """Fast-mode step in the cached basis: track ``lambda_C``, ``lambda_D`` and precondition with them."""
+def _due_range(k: Kernel) -> tuple[int, int] | None:
+    """The kernels of ``k`` to check this step (all of them: ``None``): every kernel until the tensor has a basis
+    and through the warm-up, then the ``c``-th of ``T`` contiguous ranges, ``c = (t - warmup - 1) mod T``."""
+    every, warmup = k.group["basis_refresh_every"], k.group["basis_refresh_warmup"]
+    t = int(k.state[STEP].item())
+    if BASIS not in k.state or t <= warmup:
+        return None
+    blocks, c = k.state[EXP_COV_FOLDED].shape[0], (t - warmup - 1) % every
+    return c * blocks // every, (c + 1) * blocks // every
+
+
+def _drifted(k: Kernel, start: int, stop: int) -> Tensor:
+    """Indices in ``start:stop`` of the kernels whose cached basis has drifted past the group's threshold."""
+    state, threshold = k.state, k.group["basis_drift_threshold"]
+    if threshold == 0 or start == stop:
+        return torch.arange(start, stop, device=k.p.device)
+    Q = state[BASIS][start:stop]
+    C_s = _blended(state, slice(start, stop), _scale(k), Q.new_empty(Q.shape))
+    mass = offdiagonal_mass(torch.bmm(Q.mT, torch.bmm(C_s, Q)), _bias_correction(k), k.group["cov_eps"] ** 2)
+    return start + torch.nonzero(mass > threshold).flatten()
+
+
+def _blended(state: dict[str, Tensor], rows: Tensor | slice, s: float, out: Tensor) -> Tensor:
+    """``C_s = s C + (1 - s) diag(C)`` of the kernels ``rows`` as full blocks in ``out``, from the folded ``C``."""
+    folded, scale = state[EXP_COV_FOLDED][rows], float(state[EXP_COV_SCALE])
+    unfold_symmetric(folded, out).mul_(s * scale)
+    torch.mul(folded[:, 0], scale, out=out.diagonal(dim1=-2, dim2=-1))
+    return out
+
+
+def _fast_step(kernels: list[Kernel], workspace: EighWorkspace, distributor: Distributor) -> None:
+    """Fast mode for tensors sharing one block size ``d``: the cached-basis step for every kernel, after
+    decomposing the kernels that are due (the warm-up) or checked and drifted, shared among the ranks."""
+    d = math.prod(kernels[0].p.shape[2:])
+    with record_function("adacov::covariance_update"):
+        for k in kernels:
+            k.state[EXP_AVG].lerp_(k.grad, 1.0 - k.group["betas"][0])
+            _update_folded(k.state, k.grad.reshape(-1, d), k.group["betas"][1])
+    due = [_due_range(k) for k in kernels]
     with record_function("adacov::cached_basis_step"):
-        Q = state[BASIS]
-        d = Q.shape[-1]
-        beta2 = group["betas"][1]
-        Q_sq = cache.get(p, Q)
-        g = grad.reshape(-1, d)
-        rotated = torch.bmm(torch.stack([g, state[EXP_AVG].view(-1, d)], 1), Q)  # rows g^T Q and m^T Q
-        g_rot, m_rot = rotated.unbind(1)
-        state[BASIS_EIG_COV].mul_(beta2).addcmul_(g_rot, g_rot, value=1.0 - beta2)
-        g_sq_rot = torch.bmm(g.square().unsqueeze(1), Q_sq).squeeze(1)
-        state[BASIS_EIG_DIAG].mul_(beta2).add_(g_sq_rot, alpha=1.0 - beta2)
-        s = _scale(state, group)
-        t = int(state[STEP].item())
-        eig = torch.lerp(state[BASIS_EIG_DIAG], state[BASIS_EIG_COV], s)  # s lambda_C + (1 - s) lambda_D
-        root = eig.clamp_min_(0.0).div_(1.0 - beta2**t).add_(group["cov_eps"] ** 2).rsqrt_()
-        direction = torch.bmm(m_rot.mul_(root).unsqueeze(1), Q.mT).squeeze(1)  # (Q y)^T = y^T Q^T
-        _apply(p, direction, t, group)
+        rotated = [None if span is None else _track_rotated(k, d) for k, span in zip(kernels, due)]
+    with record_function("adacov::drift_check"):
+        chosen = [torch.arange(k.p.shape[0] * k.p.shape[1], device=k.p.device) if span is None else _drifted(k, *span)
+                  for k, span in zip(kernels, due)]  # fmt: skip
+    _refresh(kernels, chosen, workspace, distributor)
+    with record_function("adacov::cached_basis_step"):
+        for k, rot, picked in zip(kernels, rotated, chosen):
+            Q = k.state[BASIS]
+            m = k.state[EXP_AVG].view(-1, d)
+            if rot is None:
+                m_rot = torch.bmm(m.unsqueeze(1), Q).squeeze(1)
+            else:
+                m_rot = rot[:, 1]
+                if picked.numel():
+                    m_rot.index_copy_(0, picked, torch.bmm(m[picked].unsqueeze(1), Q[picked]).squeeze(1))
+            _apply(k, _cached_direction(k, Q, m_rot))
 
 
-def _scale(state: dict, group: dict) -> float:
-    return offdiagonal_scale(int(state[STEP].item()), group["offdiag_warmup"])
+def _update_folded(state: dict[str, Tensor], g: Tensor, beta2: float) -> None:
+    """``C <- beta2 C + (1 - beta2) g g^T`` for ``C = c F``: ``c <- beta2 c``, ``F <- F + (1 - beta2) / c g g^T``;
+    ``c`` multiplies into ``F`` once it falls below ``_SMALLEST_SCALE``."""
+    scale = float(state[EXP_COV_SCALE]) * beta2
+    add_folded_outer(state[EXP_COV_FOLDED], g, (1.0 - beta2) / scale)
+    if scale < _SMALLEST_SCALE:
+        state[EXP_COV_FOLDED].mul_(scale)
+        scale = 1.0
+    state[EXP_COV_SCALE] = scale
 
 
-def _apply(p: Tensor, direction: Tensor, t: int, group: dict) -> None:
+def _track_rotated(k: Kernel, d: int) -> Tensor:
+    """``[B, 2, d]``, rows ``g^T Q`` and ``m^T Q`` in one product; ``lambda_C <- beta2 lambda_C + (1 - beta2) (Q^T g)^2``."""
+    beta2 = k.group["betas"][1]
+    rotated = torch.bmm(torch.stack([k.grad.reshape(-1, d), k.state[EXP_AVG].view(-1, d)], 1), k.state[BASIS])
+    g_rot = rotated[:, 0]
+    k.state[BASIS_EIG_COV].mul_(beta2).addcmul_(g_rot, g_rot, value=1.0 - beta2)
+    return rotated
+
+
+def _cached_direction(k: Kernel, Q: Tensor, m_rot: Tensor) -> Tensor:
+    """``Q ((Q^T m) / sqrt(s lambda_C / (1 - beta2^t) + (1 - s) lambda_D + cov_eps^2))``, ``[B, d]``."""
+    s = _scale(k)
+    eig = k.state[BASIS_EIG_COV].mul(s * _bias_correction(k)).add_(k.state[BASIS_EIG_DIAG], alpha=1.0 - s)
+    root = eig.clamp_min_(0.0).add_(k.group["cov_eps"] ** 2).rsqrt_()
+    return torch.bmm(m_rot.mul(root).unsqueeze(1), Q.mT).squeeze(1)  # (Q y)^T = y^T Q^T
+
+
+def _refresh(kernels: list[Kernel], chosen: list[Tensor], workspace: EighWorkspace, distributor: Distributor) -> None:
+    """Decompose the chosen kernels' ``C_s`` (shared among the ranks) and store each new basis with its
+    ``lambda_C = diag(Q^T C Q)`` and ``lambda_D = diag(Q^T diag(C) Q) / (1 - beta2^t)``."""
+    sizes = [int(c.numel()) for c in chosen]
+    if not sum(sizes):
+        return
+    d = math.prod(kernels[0].p.shape[2:])
+    like = kernels[0].state[EXP_COV_FOLDED]
+
+    def decompose(start: int, stop: int) -> Tensor:
+        pieces = _segments(sizes, start, stop)
+        stacked, w, Q = workspace.get(stop - start, d, like=like)
+        for i, a, b, at in pieces:
+            _blended(kernels[i].state, chosen[i][a:b], _scale(kernels[i]), stacked[at : at + b - a])
+        with record_function("adacov::eigh"):
+            symmetric_eigh(stacked, out=(w, Q))
+        with record_function("adacov::store_basis"):
+            for i, a, b, at in pieces:  # C itself, now that eigh is done with C_s
+                folded_covariance(kernels[i].state, chosen[i][a:b], out=stacked[at : at + b - a])
+            eig_cov = torch.bmm(stacked, Q).mul_(Q).sum(-2)
+            eig_diag = stacked.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).mul(Q.square()).sum(-2)
+            for i, a, b, at in pieces:
+                eig_diag[at : at + b - a] *= _bias_correction(kernels[i])
+            return torch.cat([Q.flatten(1), eig_cov, eig_diag], 1)
+
+    job = Job(sum(sizes), d**3, d * d + 2 * d, like.dtype, like.device, decompose)
+    (found,) = distributor.run([job])
+    with record_function("adacov::store_basis"):
+        for k, picked, rows in zip(kernels, chosen, found.split(sizes)):
+            if not rows.shape[0]:
+                continue
+            state = k.state
+            if BASIS not in state:
+                blocks = k.p.shape[0] * k.p.shape[1]
+                state[BASIS] = like.new_zeros(blocks, d, d)
+                state[BASIS_EIG_COV] = like.new_zeros(blocks, d)
+                state[BASIS_EIG_DIAG] = like.new_zeros(blocks, d)
+            state[BASIS].index_copy_(0, picked, rows[:, : d * d].view(-1, d, d))
+            state[BASIS_EIG_COV].index_copy_(0, picked, rows[:, d * d : d * d + d])
+            state[BASIS_EIG_DIAG].index_copy_(0, picked, rows[:, d * d + d :])
+
+
+def _scale(k: Kernel) -> float:
+    return offdiagonal_scale(int(k.state[STEP].item()), k.group["offdiag_warmup"])
+
+
+def _bias_correction(k: Kernel) -> float:
+    """``1 / (1 - beta2^t)``."""
+    return 1.0 / (1.0 - k.group["betas"][1] ** int(k.state[STEP].item()))
+
+
+def _apply(k: Kernel, direction: Tensor) -> None:
     """``theta <- theta (1 - lr wd) - lr / (1 - beta1^t) * direction``."""
-    lr, wd = lr_value(group), group["weight_decay"]
+    group, p = k.group, k.p
+    lr, wd, t = lr_value(group), group["weight_decay"], int(k.state[STEP].item())
     if wd != 0:
         p.mul_(1.0 - lr * wd)
     p.add_(direction.view(p.shape), alpha=-lr / (1.0 - group["betas"][0] ** t))

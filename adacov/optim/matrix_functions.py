@@ -17,6 +17,11 @@ __all__ = [
     "apply_inverse_root",
     "blend_offdiagonal",
     "cholesky_damped",
+    "folded_width",
+    "fold_symmetric",
+    "unfold_symmetric",
+    "add_folded_outer",
+    "offdiagonal_mass",
 ]
 
 # Below this many blocks a thread pool costs more than it saves.
@@ -146,6 +151,73 @@ def blend_offdiagonal(C: Tensor, s: float, out: Tensor) -> Tensor:
     torch.mul(C, s, out=out)
     out.diagonal(dim1=-2, dim2=-1).copy_(C.diagonal(dim1=-2, dim2=-1))
     return out
+
+
+def folded_width(d: int) -> int:
+    """Rows of a folded ``d x d`` symmetric block: ``d // 2 + 1`` (``d (d + 1) / 2`` entries for odd ``d``)."""
+    return d // 2 + 1
+
+
+@lru_cache(maxsize=None)
+def _fold_columns(d: int, device: torch.device) -> Tensor:
+    """``[d // 2 + 1, d]``: the column ``(i + k) mod d`` of the entry that folded ``(k, i)`` holds."""
+    return (torch.arange(folded_width(d), device=device)[:, None] + torch.arange(d, device=device)) % d
+
+
+@lru_cache(maxsize=None)
+def _unfold_sources(d: int, device: torch.device) -> Tensor:
+    """``[d * d]``: for entry ``(i, j)`` of the full block, its flat index in the folded ``[d // 2 + 1, d]`` block."""
+    i, j = torch.arange(d, device=device)[:, None], torch.arange(d, device=device)
+    k = (j - i) % d
+    return torch.where(k < folded_width(d), k * d + i, (i - j) % d * d + j).flatten()
+
+
+def fold_symmetric(C: Tensor) -> Tensor:
+    """Folded storage of symmetric blocks, by circular diagonals: ``F[b, k, i] = C[b, i, (i + k) mod d]``,
+    ``k <= d // 2``.
+
+    Every pair ``{i, j}`` lies on diagonal ``(j - i) mod d`` or ``(i - j) mod d``, whichever is at most ``d // 2``:
+    an odd ``d`` stores each of the ``d (d + 1) / 2`` distinct entries once, an even ``d`` the ``d / 2`` pairs on
+    diagonal ``d / 2`` twice. Row ``F[b, 0]`` is the diagonal of ``C``. ``C``: ``[B, d, d]`` symmetric; returns
+    ``[B, d // 2 + 1, d]``.
+    """
+    B, d = C.shape[0], C.shape[-1]
+    columns = _fold_columns(d, C.device)
+    return torch.gather(C.mT, 1, columns.expand(B, -1, -1))  # C^T[b, (i + k) mod d, i] = C[b, i, (i + k) mod d]
+
+
+def unfold_symmetric(F: Tensor, out: Tensor) -> Tensor:
+    """The full symmetric blocks ``[B, d, d]`` of folded ones ``F`` ``[B, d // 2 + 1, d]``, written into ``out``
+    (contiguous) by one gather."""
+    B, d = F.shape[0], F.shape[-1]
+    torch.index_select(F.reshape(B, -1), 1, _unfold_sources(d, F.device), out=out.view(B, d * d))
+    return out
+
+
+def add_folded_outer(F: Tensor, g: Tensor, weight: float) -> None:
+    """``C <- C + weight g g^T`` on folded blocks ``F`` ``[B, d // 2 + 1, d]``, for ``g`` ``[B, d]``.
+
+    Diagonal ``k`` gains ``weight g_i g_((i + k) mod d)``; the shifted copies are one unfolded view of
+    ``[g, g[:d // 2]]``, so the update is one broadcast multiply-add over half the entries of the full blocks,
+    contiguous along ``i``, with no ``[B, d, d]`` temporary.
+    """
+    d = g.shape[-1]
+    shifted = torch.cat([g, g[:, : F.shape[1] - 1]], 1).unfold(1, d, 1)
+    F.addcmul_(g.unsqueeze(1), shifted, value=weight)
+
+
+def offdiagonal_mass(A: Tensor, scale: float, shift: float) -> Tensor:
+    """How far a basis is from diagonalizing a block: ``||offdiag(D^-1/2 (scale A) D^-1/2)||_F`` per block.
+
+    ``A`` ``[B, d, d]`` is the block in the basis (``Q^T C Q``), ``D = scale diag(A) + shift``: the off-diagonal
+    entries relative to the geometric mean of their two diagonal entries, as the inverse root ``(scale A +
+    shift I)^(-1/2)`` weighs them. 0 for a basis of eigenvectors; to first order, the relative error of
+    preconditioning with ``D^(-1/2)`` alone is half of it. Returns ``[B]``.
+    """
+    root = A.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).mul(scale).add_(shift).rsqrt_()
+    normalized = A * (root.unsqueeze(-1) * root.unsqueeze(-2) * scale)
+    normalized.diagonal(dim1=-2, dim2=-1).zero_()
+    return normalized.square_().sum((-2, -1)).sqrt_()
 
 
 def cholesky_damped(F: Tensor, damping: float) -> tuple[Tensor, int]:

@@ -107,7 +107,8 @@ def _invalid(*names_and_values: tuple[str, Any]) -> tuple[tuple[str, Any, str], 
 
 _ADACOV_INVALID = _invalid(
     ("lr", -1e-3), ("betas", (1.0, 0.999)), ("eps", 0.0), ("cov_eps", -1e-5), ("offdiag_warmup", 0),
-    ("weight_decay", -0.1), ("basis_refresh_every", 0), ("basis_refresh_warmup", -1), ("maximize", "yes"),
+    ("weight_decay", -0.1), ("basis_refresh_every", 0), ("basis_refresh_warmup", -1), ("basis_drift_threshold", -0.1),
+    ("maximize", "yes"), ("shard_decompositions", 1),
 )  # fmt: skip
 _KFAC_SHORT = dict(curvature_every=1, inverse_every=2, kl_clip=1e-2)
 _KFAC_INVALID = _invalid(
@@ -159,7 +160,8 @@ _ENTRIES = [
     ),  # fmt: skip
     OptimizerInfo("adacov", "adacov.optim.adacov.AdaCov", short_run=dict(offdiag_warmup=2.0), invalid=_ADACOV_INVALID),
     OptimizerInfo(
-        "adacov_fast", "adacov.optim.adacov.AdaCov", kwargs=dict(basis_refresh_every=10, basis_refresh_warmup=390),
+        "adacov_fast", "adacov.optim.adacov.AdaCov",
+        kwargs=dict(basis_refresh_every=10, basis_refresh_warmup=390, basis_drift_threshold=0.1),
         short_run=dict(offdiag_warmup=2.0, basis_refresh_every=2, basis_refresh_warmup=1), invalid=_ADACOV_INVALID,
     ),  # fmt: skip
     OptimizerInfo(
