@@ -62,6 +62,9 @@ DEFAULT = ["adam", "adacov", "adacov_fast", "mbf"]
 # per-rank overhead with 2 ranks over its overhead in one process.
 FAST_GOALS = {3: 0.05, 5: 0.12}
 DDP_GOAL = 0.6
+# Untimed steps per rank first: a rank's first steps are slower (buffers of the shared work and the gathered
+# results are first allocated, gloo's first collectives).
+DDP_WARMUP = 3
 
 
 def build(name: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -139,7 +142,7 @@ def ddp_overheads(kernel_size: int, args: argparse.Namespace) -> dict[int, dict[
     names = ["adam", "adacov", "adacov_fast"]
     threads = max(1, (os.cpu_count() or 1) // max(args.ddp_ranks))
     settings = dict(kernel_size=kernel_size, widths=args.widths, in_channels=args.in_channels, classes=args.classes,
-                    batch=args.batch, names=names, threads=threads, rounds=args.ddp_rounds, warmup=1)  # fmt: skip
+                    batch=args.batch, names=names, threads=threads, rounds=args.ddp_rounds, warmup=DDP_WARMUP)  # fmt: skip
     return {ranks: ddp_step.overheads(ddp_step.step_times(ranks, build, settings), names[1:]) for ranks in args.ddp_ranks}
 
 
@@ -190,7 +193,7 @@ def report(results: dict[int, dict[str, tuple]], ddp: dict[int, dict], args: arg
             "",
             f"AdaCov's optimizer step per rank under torch.distributed (gloo, {threads} torch thread(s) per rank in "
             f"every run; each rank the same gradient, as DDP averages it; median of {args.ddp_rounds} steps after "
-            "one, slowest rank; benchmarks/ddp_step.py):",
+            f"{DDP_WARMUP}, slowest rank; benchmarks/ddp_step.py):",
             "",
             "| kernel | optimizer | ranks | optimizer step per rank (ms) | overhead over Adam per rank (ms) "
             "| overhead vs 1 rank |",
