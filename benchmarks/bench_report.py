@@ -18,7 +18,7 @@ def machine_description(device: torch.device) -> str:
     threads, load = torch.get_num_threads(), os.getloadavg()[0]
     busy = " - UNDER LOAD: other processes shared the cores, so every time here is slower than on an idle machine"
     return (
-        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch threads, "
+        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch thread{'' if threads == 1 else 's'}, "
         f"torch {torch.__version__}, Python {platform.python_version()}; 1-minute load average {load:.1f} when "
         f"written{busy if load > threads + 0.5 else ''}"
     )
