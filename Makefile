@@ -126,9 +126,10 @@ endif
 compare: install ## every optimizer at its tuned lr, seeds 3-5, 3x3/5x5 on the demo (~20 min) -> results/compare/; DATA=fashion_mnist (~2 h) -> results/fashion_mnist/compare/
 ifeq ($(DATA),fashion_mnist)
 	$(MAKE) --no-print-directory data DATA=fashion_mnist
-	$(if $(filter true,$(RESUME)),,rm -rf $(FASHION_COMPARE)/runs)
+	$(if $(filter true,$(RESUME)),,rm -rf $(FASHION_COMPARE)/runs $(FASHION_COMPARE)/timing/runs)
 	$(FASHION_SWEEP) experiment=compare_fashion_mnist
-	$(PY) plot_curves.py $(FASHION_COMPARE)/runs --out $(FASHION_COMPARE)
+	$(FASHION_SWEEP) experiment=time_compare_fashion_mnist
+	$(PY) plot_curves.py $(FASHION_COMPARE)/runs --out $(FASHION_COMPARE) --timing $(FASHION_COMPARE)/timing/runs
 else
 	rm -rf results/compare/runs
 	OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=compare hydra/launcher=joblib hydra.launcher.n_jobs=2
@@ -153,7 +154,7 @@ report: install ## rebuild every committed figure and table from the recorded ru
 	$(PY) plot_curves.py results/fashion_mnist/runs --out results/fashion_mnist
 	$(PY) plot_curves.py results/fashion_mnist/timing/runs --out results/fashion_mnist/timing
 	$(PY) tune_report.py $(FASHION_TUNE)/runs --out $(FASHION_TUNE)
-	$(PY) plot_curves.py $(FASHION_COMPARE)/runs --out $(FASHION_COMPARE)
+	$(PY) plot_curves.py $(FASHION_COMPARE)/runs --out $(FASHION_COMPARE) --timing $(FASHION_COMPARE)/timing/runs
 
 reproduce: install ## the paper's sweep (CIFAR-100: 18 runs; DATA=fashion_mnist: 24 runs, ~2 h on 2 cores) and its Figure 1 / Table 1 -> $(OUT)
 	$(if $(filter cifar100 fashion_mnist,$(DATA)),$(MAKE) --no-print-directory data DATA=$(DATA),)

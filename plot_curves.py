@@ -2,10 +2,12 @@
 
     python plot_curves.py RUNS_DIR --out OUT_DIR
     python plot_curves.py --from-wandb ENTITY/PROJECT --out OUT_DIR
+    python plot_curves.py RUNS_DIR --out OUT_DIR --timing TIMING_RUNS_DIR
 
 Writes figure1.png, figure1.pdf, figure1_walltime.png, table1.md/.csv, final_losses.md/.csv and,
-when Adam runs are among them, comparison.md/.csv (time to Adam's final loss) into OUT_DIR. A comparison
-of more than 6 optimizers gets small multiples by family (figure1*) and a ranked dot plot (ranking.png/.pdf).
+when Adam runs are among them, comparison.md/.csv (time to Adam's final loss; with --timing, also the step
+time vs Adam of a timing pass run alone) into OUT_DIR. A comparison of more than 6 optimizers gets small
+multiples by family (figure1*) and a ranked dot plot (ranking.png/.pdf).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="where the figures and tables go")
     parser.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead (online)")
     parser.add_argument("--window", type=int, default=10, help="moving-average window in steps (paper: 10)")
+    parser.add_argument(
+        "--timing", type=Path, metavar="TIMING_RUNS_DIR", help="a timing pass's runs (experiment=time_*): adds the step time vs Adam timed alone"
+    )
     args = parser.parse_args(argv)
     with exit_on_run_error(), tempfile.TemporaryDirectory() as tmp:
         if args.from_wandb:
@@ -47,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("give RUNS_DIR or --from-wandb ENTITY/PROJECT")
         else:
             runs = load_runs(args.runs_dir)
-        write_outputs(runs, args.out, args.window)
+        timing = load_runs(args.timing) if args.timing else None
+        write_outputs(runs, args.out, args.window, timing, args.timing)
     return 0
 
 
-def write_outputs(runs, out: Path, window: int) -> None:
+def write_outputs(runs, out: Path, window: int, timing=None, timing_dir: Path | None = None) -> None:
     problems = check_consistent(runs)
     for problem in problems:
         warnings.warn(f"{problem}: compare with care")
@@ -77,10 +83,10 @@ def write_outputs(runs, out: Path, window: int) -> None:
     finals.to_csv(out / "final_losses.csv", index=False)
     (out / "final_losses.md").write_text(final_losses_markdown(finals, header))
     written = "table1.md/.csv, final_losses.md/.csv"
-    comparison = build_comparison(runs)
+    comparison = build_comparison(runs, timing)
     if not comparison.empty:
         comparison.to_csv(out / "comparison.csv", index=False)
-        (out / "comparison.md").write_text(comparison_markdown(comparison, header))
+        (out / "comparison.md").write_text(comparison_markdown(comparison, header, timing_dir))
         written += ", comparison.md/.csv"
     print(f"wrote {', '.join(p.name for p in sorted([*out.glob('figure1*'), *out.glob('ranking*')]))}, {written} to {out}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 
@@ -17,7 +18,8 @@ from a baseline's result the same way). A run's train loss at a step is the mean
 of step losses (the same window as an epoch's train loss); the first step at which it is at or below the
 target counts. Seconds are summed step times (zero_grad, forward, backward, optimizer step; no evaluation).
 Steps and seconds are medians over the seeds that reach the target; "reached" counts them. The step-time
-ratio divides the median step time by Adam's; the peak state is the largest optimizer state (its tensors'
+ratio divides a run's mean step time after 10 warm-up steps (periodic work such as inverses and refreshes
+included) by Adam's; the peak state is the largest optimizer state (its tensors'
 bytes) at the end of any epoch. Both are medians over seeds; losses and accuracies are mean ± std."""
 
 
@@ -37,8 +39,20 @@ def time_to_target(run: Run, target: float) -> tuple[float, float]:
     return float(step), seconds
 
 
-def build_comparison(runs: list[Run]) -> pd.DataFrame:
-    """One row per (kernel size, optimizer), in the figures' order; empty if there is no Adam run to set targets."""
+def timed_alone(timing: list[Run]) -> dict[tuple[int, str], float]:
+    """Each (kernel size, optimizer)'s step time over Adam's at that kernel size, from a timing pass run alone
+    (experiment=time_*: one run at a time, nothing else on the machine); medians over seeds of mean step times."""
+    times = pd.DataFrame([(r.kernel_size, r.optimizer, run_step_time(r)) for r in timing], columns=["k", "optimizer", "s"])
+    medians = times.groupby(["k", "optimizer"]).s.median()
+    return {(k, name): t / medians[(k, "adam")] for (k, name), t in medians.items() if (k, "adam") in medians}
+
+
+def build_comparison(runs: list[Run], timing: list[Run] | None = None) -> pd.DataFrame:
+    """One row per (kernel size, optimizer), in the figures' order; empty if there is no Adam run to set targets.
+
+    With ``timing`` (the runs of a timing pass), a column "step time vs Adam, alone" gives the ratios measured
+    there next to the ones measured in the runs themselves."""
+    alone = timed_alone(timing) if timing else None
     rows = []
     for k in sorted({r.kernel_size for r in runs}):
         at_k = [r for r in runs if r.kernel_size == k and not r.epochs.empty]
@@ -67,12 +81,21 @@ def build_comparison(runs: list[Run]) -> pd.DataFrame:
                 "step time vs Adam": pd.Series([run_step_time(r) for r in group]).median() / adam_step,
                 "peak state (MB)": pd.Series([float(r.epochs.optimizer_state_mb.max()) for r in group]).median(),
             })  # fmt: skip
+            if alone is not None:
+                rows[-1]["step time vs Adam, alone"] = alone.get((k, name), math.nan)
     return pd.DataFrame(rows)
 
 
-def comparison_markdown(table: pd.DataFrame, header: str) -> str:
+TIMING_NOTE = """\
+"Step time vs Adam, alone" comes from the timing pass in {where}: each optimizer run alone for a few dozen
+steps, nothing else on the machine, the same statistic (mean after 10 warm-up steps, median over its seeds).
+The other time columns were measured inside the runs above, whose load the header states."""
+
+
+def comparison_markdown(table: pd.DataFrame, header: str, timing_dir: Path | None = None) -> str:
     if table.empty:
         return f"# Comparison\n\n{header}\n\nNo Adam runs: there is no target to compare against.\n"
     shown = table.astype(object).where(table.notna(), None)
     body = shown.to_markdown(index=False, floatfmt=".3g", missingval="-")
-    return f"# Comparison\n\n{header}\n\n{body}\n\n{NOTES}\n"
+    notes = NOTES + ("\n\n" + TIMING_NOTE.format(where=f"`{timing_dir}`") if timing_dir is not None else "")
+    return f"# Comparison\n\n{header}\n\n{body}\n\n{notes}\n"
