@@ -42,6 +42,12 @@ test: install ## run the test suite on CPU
 	$(PY) -m pytest
 
 BENCH_OPTIMIZERS := adam adacov adacov_fast eadam mbf kfac ekfac tkfac tekfac soap shampoo kron adahessian sophia
+# The Fashion-MNIST comparison's 12 optimizers at its net's widths, one thread as its runs have, interleaved in one
+# process: the comparison's step time vs Adam (plot_curves.py --bench) comes from this CSV.
+FASHION_BENCH_CSV := results/optimizer_step_fashion_mnist_cpu.csv
+FASHION_BENCH = OMP_NUM_THREADS=1 $(PY) benchmarks/optimizer_step.py --optimizers adam adacov adacov_fast mbf eadam kfac ekfac \
+	tkfac tekfac soap shampoo kron --widths 16 16 32 32 64 64 --in-channels 1 --classes 10 --ddp-ranks \
+	--out results/optimizer_step_fashion_mnist_cpu.md --csv $(FASHION_BENCH_CSV)
 
 # Each CPU class in turn: torch's vectorized kernels (ATen), MKL's BLAS/LAPACK and oneDNN's convolutions
 # dispatch on the CPU separately, and their float32 rounding differs; the three switches emulate a CPU
@@ -64,8 +70,7 @@ test-gpu: install ## run the GPU-marked tests (needs CUDA)
 
 bench: install ## the CPU benchmarks (step time vs Adam with DDP rows and goals, Fashion-MNIST's net, K-FAC cost, profile and floor, direction error, storage) -> results/*_cpu.md
 	$(PY) benchmarks/optimizer_step.py --optimizers $(BENCH_OPTIMIZERS) --out results/optimizer_step_cpu.md
-	$(PY) benchmarks/optimizer_step.py --optimizers adam adacov adacov_fast --widths 16 16 32 32 64 64 --in-channels 1 \
-		--classes 10 --ddp-ranks --out results/optimizer_step_fashion_mnist_cpu.md
+	$(FASHION_BENCH)
 	$(PY) benchmarks/kfac_cost.py --out results/kfac_cost_cpu.md
 	$(PY) benchmarks/profile_step.py --out results/profile_step_cpu.md
 	$(PY) benchmarks/fast_adacov_direction.py --kernel-sizes 3 5 --epochs 3 --out results/fast_adacov_direction_cpu.md
@@ -126,10 +131,10 @@ endif
 compare: install ## every optimizer at its tuned lr, seeds 3-5, 3x3/5x5 on the demo (~20 min) -> results/compare/; DATA=fashion_mnist (~2 h) -> results/fashion_mnist/compare/
 ifeq ($(DATA),fashion_mnist)
 	$(MAKE) --no-print-directory data DATA=fashion_mnist
-	$(if $(filter true,$(RESUME)),,rm -rf $(FASHION_COMPARE)/runs $(FASHION_COMPARE)/timing/runs)
+	$(if $(filter true,$(RESUME)),,rm -rf $(FASHION_COMPARE)/runs)
 	$(FASHION_SWEEP) experiment=compare_fashion_mnist
-	$(FASHION_SWEEP) experiment=time_compare_fashion_mnist
-	$(PY) plot_curves.py $(FASHION_COMPARE)/runs --out $(FASHION_COMPARE) --timing $(FASHION_COMPARE)/timing/runs
+	$(FASHION_BENCH)
+	$(PY) plot_curves.py $(FASHION_COMPARE)/runs --out $(FASHION_COMPARE) --bench $(FASHION_BENCH_CSV)
 else
 	rm -rf results/compare/runs
 	OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=compare hydra/launcher=joblib hydra.launcher.n_jobs=2
@@ -154,7 +159,7 @@ report: install ## rebuild every committed figure and table from the recorded ru
 	$(PY) plot_curves.py results/fashion_mnist/runs --out results/fashion_mnist
 	$(PY) plot_curves.py results/fashion_mnist/timing/runs --out results/fashion_mnist/timing
 	$(PY) tune_report.py $(FASHION_TUNE)/runs --out $(FASHION_TUNE)
-	$(PY) plot_curves.py $(FASHION_COMPARE)/runs --out $(FASHION_COMPARE) --timing $(FASHION_COMPARE)/timing/runs
+	$(PY) plot_curves.py $(FASHION_COMPARE)/runs --out $(FASHION_COMPARE) --bench $(FASHION_BENCH_CSV)
 
 reproduce: install ## the paper's sweep (CIFAR-100: 18 runs; DATA=fashion_mnist: 24 runs, ~2 h on 2 cores) and its Figure 1 / Table 1 -> $(OUT)
 	$(if $(filter cifar100 fashion_mnist,$(DATA)),$(MAKE) --no-print-directory data DATA=$(DATA),)

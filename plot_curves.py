@@ -2,11 +2,11 @@
 
     python plot_curves.py RUNS_DIR --out OUT_DIR
     python plot_curves.py --from-wandb ENTITY/PROJECT --out OUT_DIR
-    python plot_curves.py RUNS_DIR --out OUT_DIR --timing TIMING_RUNS_DIR
+    python plot_curves.py RUNS_DIR --out OUT_DIR --bench BENCH_CSV
 
 Writes figure1.png, figure1.pdf, figure1_walltime.png, table1.md/.csv, final_losses.md/.csv and,
-when Adam runs are among them, comparison.md/.csv (time to Adam's final loss; with --timing, also the step
-time vs Adam of a timing pass run alone) into OUT_DIR. A comparison of more than 6 optimizers gets small
+when Adam runs are among them, comparison.md/.csv (time to Adam's final loss; with --bench, also the step
+time vs Adam from benchmarks/optimizer_step.py --csv) into OUT_DIR. A comparison of more than 6 optimizers gets small
 multiples by family (figure1*) and a ranked dot plot (ranking.png/.pdf).
 """
 
@@ -17,6 +17,8 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+
+import pandas as pd
 
 from adacov.cli import exit_on_run_error
 from adacov.errors import UserError
@@ -41,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="where the figures and tables go")
     parser.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead (online)")
     parser.add_argument("--window", type=int, default=10, help="moving-average window in steps (paper: 10)")
-    parser.add_argument(
-        "--timing", type=Path, metavar="TIMING_RUNS_DIR", help="a timing pass's runs (experiment=time_*): adds the step time vs Adam timed alone"
-    )
+    parser.add_argument("--bench", type=Path, metavar="BENCH_CSV", help="benchmarks/optimizer_step.py --csv output: adds its step time vs Adam")
     args = parser.parse_args(argv)
     with exit_on_run_error(), tempfile.TemporaryDirectory() as tmp:
         if args.from_wandb:
@@ -52,12 +52,18 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("give RUNS_DIR or --from-wandb ENTITY/PROJECT")
         else:
             runs = load_runs(args.runs_dir)
-        timing = load_runs(args.timing) if args.timing else None
-        write_outputs(runs, args.out, args.window, timing, args.timing)
+        bench = read_bench(args.bench) if args.bench else None
+        write_outputs(runs, args.out, args.window, bench, args.bench)
     return 0
 
 
-def write_outputs(runs, out: Path, window: int, timing=None, timing_dir: Path | None = None) -> None:
+def read_bench(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(f"--bench {path}: no such file; make bench writes it (benchmarks/optimizer_step.py --csv)")
+    return pd.read_csv(path)
+
+
+def write_outputs(runs, out: Path, window: int, bench: pd.DataFrame | None = None, bench_csv: Path | None = None) -> None:
     problems = check_consistent(runs)
     for problem in problems:
         warnings.warn(f"{problem}: compare with care")
@@ -83,10 +89,10 @@ def write_outputs(runs, out: Path, window: int, timing=None, timing_dir: Path | 
     finals.to_csv(out / "final_losses.csv", index=False)
     (out / "final_losses.md").write_text(final_losses_markdown(finals, header))
     written = "table1.md/.csv, final_losses.md/.csv"
-    comparison = build_comparison(runs, timing)
+    comparison = build_comparison(runs, bench)
     if not comparison.empty:
         comparison.to_csv(out / "comparison.csv", index=False)
-        (out / "comparison.md").write_text(comparison_markdown(comparison, header, timing_dir))
+        (out / "comparison.md").write_text(comparison_markdown(comparison, header, bench_csv))
         written += ", comparison.md/.csv"
     print(f"wrote {', '.join(p.name for p in sorted([*out.glob('figure1*'), *out.glob('ranking*')]))}, {written} to {out}")
 

@@ -11,6 +11,9 @@ with 2 gloo ranks (``ddp_step.py``), and the issue-23 goals against both.
 
     python benchmarks/optimizer_step.py --kernel-sizes 3 5 --rounds 15 --out results/optimizer_step_cpu.md
     python benchmarks/optimizer_step.py --widths 16 16 32 32 64 64 --in-channels 1 --classes 10  # Fashion-MNIST's net
+
+``--csv PATH`` also writes one row per (kernel size, optimizer), which ``plot_curves.py --bench`` puts into a
+comparison table as its step time vs Adam.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -137,6 +141,19 @@ def time_kernel_size(kernel_size: int, names: list[str], args: argparse.Namespac
     }  # fmt: skip
 
 
+def step_table(results: dict[int, dict[str, tuple]]) -> pd.DataFrame:
+    """The timings as rows: step means and medians (ms), and the optimizer's mean time over Adam's per Adam
+    training step as a fraction (the report's noise-free overhead column), per kernel size and optimizer."""
+    rows = []
+    for k, per_opt in results.items():
+        base_mean, base_opt_mean = per_opt["adam"][1], per_opt["adam"][3]
+        for name, (median, mean, _, opt_mean, state, _) in per_opt.items():
+            rows.append({"kernel_size": k, "optimizer": name, "train_step_median_ms": 1e3 * median, "train_step_mean_ms": 1e3 * mean,
+                         "optimizer_step_mean_ms": 1e3 * opt_mean, "overhead_per_adam_step": (opt_mean - base_opt_mean) / base_mean,
+                         "state_mb": state})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def ddp_overheads(kernel_size: int, args: argparse.Namespace) -> dict[int, dict[str, tuple[float, float]]]:
     """Per number of ranks: AdaCov's (exact and fast) slowest-rank median optimizer step and overhead over Adam."""
     names = ["adam", "adacov", "adacov_fast"]
@@ -230,12 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ddp-rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    parser.add_argument("--csv", type=Path, help="also write the step times per (kernel size, optimizer) here")
     args = parser.parse_args(argv)
     names = ["adam"] + [n for n in args.optimizers if n != "adam"]
     device = torch.device(args.device)
     results = {k: time_kernel_size(k, names, args, device) for k in args.kernel_sizes}
     ddp = {k: ddp_overheads(k, args) for k in args.kernel_sizes} if args.ddp_ranks and device.type == "cpu" else {}
     publish(report(results, ddp, args, device), args.out, "Optimizer step time", "optimizer_step.py", argv)
+    if args.csv:
+        step_table(results).to_csv(args.csv, index=False)
     return 0
 
 

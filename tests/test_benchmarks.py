@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 
@@ -43,6 +44,7 @@ def test_packed_covariance_matches_the_full_blocks():
                                       "--channels", "4", "4", "4", "4", "4", "4"], "| 3x3 | staggered, T=10, QR refresh (SOAP) |"),
         ("kfac_cost.py", ["--kernel-sizes", "3", "--variants", "tekfac", "--rounds", "1", "--batch", "2"], "| 3x3 | tekfac |"),
         ("ddp_rounding.py", ["--optimizers", "adam", "--kernel-sets", "default"], "| default | adam | float64 |"),
+        ("kld_wrm_terms.py", ["--seeds", "0", "--override", "epochs=1"], "### kld_wrm_q, 3x3, lr 0.003, seed 0 epochs=1"),
     ],
 )  # fmt: skip
 def test_benchmark_writes_its_report_with_command(tmp_path, script, args, expect):
@@ -53,3 +55,17 @@ def test_benchmark_writes_its_report_with_command(tmp_path, script, args, expect
     text = out.read_text()
     assert f"Command: `python benchmarks/{script} {' '.join(args)} --out {out}`" in text
     assert expect in text
+
+
+def test_optimizer_step_csv_holds_the_reports_overheads(tmp_path):
+    """--csv: one row per (kernel size, optimizer), whose overhead is the report's 'optimizer time over Adam's'."""
+    out, csv = tmp_path / "report.md", tmp_path / "steps.csv"
+    args = ["--kernel-sizes", "3", "--optimizers", "adam", "adacov", "--rounds", "2", "--warmup", "0", "--batch", "4",
+            "--widths", "4", "4", "4", "4", "4", "4", "--in-channels", "1", "--classes", "10", "--ddp-ranks"]  # fmt: skip
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "optimizer_step.py"), *args, "--out", str(out), "--csv", str(csv)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = pd.read_csv(csv).set_index(["kernel_size", "optimizer"])
+    assert list(rows.index) == [(3, "adam"), (3, "adacov")] and rows.loc[(3, "adam"), "overhead_per_adam_step"] == 0.0
+    shown = next(line for line in out.read_text().splitlines() if line.startswith("| 3x3 | adacov |")).split("|")[9]
+    assert f"{100 * rows.loc[(3, 'adacov'), 'overhead_per_adam_step']:+.1f} %" == shown.strip()

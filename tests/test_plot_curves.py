@@ -80,25 +80,26 @@ def test_step_time_counts_periodic_work_at_its_amortized_cost(tmp_path):
     assert table.loc[("3x3", "K-FAC"), "increase over Adam (%)"] == pytest.approx(100 * (timed.mean() / 0.1 - 1))
 
 
-def test_comparison_takes_step_time_alone_from_a_timing_pass(tmp_path):
-    """The runs say AdaCov steps 1.5x Adam's; a timing pass run alone says 1.2x at 3x3 and has no 5x5 AdaCov."""
-    runs, timing = tmp_path / "runs", tmp_path / "timing"
+def test_comparison_takes_step_time_from_the_benchmark_csv(tmp_path):
+    """The runs say AdaCov steps 1.5x Adam's; the benchmark's CSV says its optimizer adds 0.3 of an Adam step at
+    3x3, and has no 5x5 AdaCov row."""
+    runs = tmp_path / "runs"
     for seed in (0, 1):
         make_run(runs, "adam", 3, seed, 0.100)
         make_run(runs, "adacov", 3, seed, 0.150, final_train_loss=0.8)
     make_run(runs, "adam", 5, 0, 0.100)
     make_run(runs, "adacov", 5, 0, 0.300)
-    for seed, (adam, adacov) in enumerate([(0.050, 0.060), (0.060, 0.090)]):
-        make_run(timing, "adam", 3, seed, adam)
-        make_run(timing, "adacov", 3, seed, adacov)
-    make_run(timing, "adam", 5, 0, 0.070)
-    assert plot_curves.main([str(runs), "--out", str(tmp_path / "out"), "--timing", str(timing)]) == 0
+    bench = tmp_path / "bench.csv"
+    pd.DataFrame({"kernel_size": [3, 3, 5], "optimizer": ["adam", "adacov", "adam"], "overhead_per_adam_step": [0.0, 0.3, 0.0]}).to_csv(bench, index=False)
+    assert plot_curves.main([str(runs), "--out", str(tmp_path / "out"), "--bench", str(bench)]) == 0
     table = pd.read_csv(tmp_path / "out" / "comparison.csv").set_index(["kernel", "optimizer"])
     assert table.loc[("3x3", "AdaCov"), "step time vs Adam"] == pytest.approx(1.5)
-    assert table.loc[("3x3", "AdaCov"), "step time vs Adam, alone"] == pytest.approx(0.075 / 0.055)  # medians over seeds
-    assert table.loc[("3x3", "Adam"), "step time vs Adam, alone"] == pytest.approx(1.0)
-    assert np.isnan(table.loc[("5x5", "AdaCov"), "step time vs Adam, alone"])
-    assert str(timing) in (tmp_path / "out" / "comparison.md").read_text()
+    assert table.loc[("3x3", "AdaCov"), "step time vs Adam, bench"] == pytest.approx(1.3)
+    assert table.loc[("3x3", "Adam"), "step time vs Adam, bench"] == pytest.approx(1.0)
+    assert np.isnan(table.loc[("5x5", "AdaCov"), "step time vs Adam, bench"])
+    assert str(bench) in (tmp_path / "out" / "comparison.md").read_text()
+    with pytest.raises(SystemExit):
+        plot_curves.main([str(runs), "--out", str(tmp_path / "out"), "--bench", str(tmp_path / "none.csv")])
 
 
 def test_final_losses_pair_runs_by_seed(tmp_path):

@@ -39,20 +39,18 @@ def time_to_target(run: Run, target: float) -> tuple[float, float]:
     return float(step), seconds
 
 
-def timed_alone(timing: list[Run]) -> dict[tuple[int, str], float]:
-    """Each (kernel size, optimizer)'s step time over Adam's at that kernel size, from a timing pass run alone
-    (experiment=time_*: one run at a time, nothing else on the machine); medians over seeds of mean step times."""
-    times = pd.DataFrame([(r.kernel_size, r.optimizer, run_step_time(r)) for r in timing], columns=["k", "optimizer", "s"])
-    medians = times.groupby(["k", "optimizer"]).s.median()
-    return {(k, name): t / medians[(k, "adam")] for (k, name), t in medians.items() if (k, "adam") in medians}
+def bench_ratios(bench: pd.DataFrame) -> dict[tuple[int, str], float]:
+    """Each (kernel size, optimizer)'s step time over Adam's from ``benchmarks/optimizer_step.py --csv``: one plus
+    its optimizer time over Adam's per Adam training step (all optimizers interleaved in one process)."""
+    return {(int(r.kernel_size), r.optimizer): 1.0 + float(r.overhead_per_adam_step) for r in bench.itertuples()}
 
 
-def build_comparison(runs: list[Run], timing: list[Run] | None = None) -> pd.DataFrame:
+def build_comparison(runs: list[Run], bench: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (kernel size, optimizer), in the figures' order; empty if there is no Adam run to set targets.
 
-    With ``timing`` (the runs of a timing pass), a column "step time vs Adam, alone" gives the ratios measured
-    there next to the ones measured in the runs themselves."""
-    alone = timed_alone(timing) if timing else None
+    With ``bench`` (``benchmarks/optimizer_step.py --csv``), a column "step time vs Adam, bench" gives the ratios
+    measured there next to the ones measured in the runs themselves."""
+    benched = bench_ratios(bench) if bench is not None else None
     rows = []
     for k in sorted({r.kernel_size for r in runs}):
         at_k = [r for r in runs if r.kernel_size == k and not r.epochs.empty]
@@ -81,21 +79,22 @@ def build_comparison(runs: list[Run], timing: list[Run] | None = None) -> pd.Dat
                 "step time vs Adam": pd.Series([run_step_time(r) for r in group]).median() / adam_step,
                 "peak state (MB)": pd.Series([float(r.epochs.optimizer_state_mb.max()) for r in group]).median(),
             })  # fmt: skip
-            if alone is not None:
-                rows[-1]["step time vs Adam, alone"] = alone.get((k, name), math.nan)
+            if benched is not None:
+                rows[-1]["step time vs Adam, bench"] = benched.get((k, name), math.nan)
     return pd.DataFrame(rows)
 
 
-TIMING_NOTE = """\
-"Step time vs Adam, alone" comes from the timing pass in {where}: each optimizer run alone for a few dozen
-steps, nothing else on the machine, the same statistic (mean after 10 warm-up steps, median over its seeds).
-The other time columns were measured inside the runs above, whose load the header states."""
+BENCH_NOTE = """\
+"Step time vs Adam, bench" comes from {where} (benchmarks/optimizer_step.py --csv, whose report says how it ran):
+every optimizer trains its own copy of the net on the same synthetic batches, interleaved round by round in one
+process, so that the machine's drift hits all alike; the ratio is one plus the optimizer's mean time over Adam's
+per Adam training step, periodic work included. The other time columns were measured inside the runs above."""
 
 
-def comparison_markdown(table: pd.DataFrame, header: str, timing_dir: Path | None = None) -> str:
+def comparison_markdown(table: pd.DataFrame, header: str, bench_csv: Path | None = None) -> str:
     if table.empty:
         return f"# Comparison\n\n{header}\n\nNo Adam runs: there is no target to compare against.\n"
     shown = table.astype(object).where(table.notna(), None)
     body = shown.to_markdown(index=False, floatfmt=".3g", missingval="-")
-    notes = NOTES + ("\n\n" + TIMING_NOTE.format(where=f"`{timing_dir}`") if timing_dir is not None else "")
+    notes = NOTES + ("\n\n" + BENCH_NOTE.format(where=f"`{bench_csv}`") if bench_csv is not None else "")
     return f"# Comparison\n\n{header}\n\n{body}\n\n{notes}\n"
