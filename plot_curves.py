@@ -6,8 +6,8 @@
 
 Writes figure1.png, figure1.pdf, figure1_walltime.png, table1.md/.csv, final_losses.md/.csv and,
 when Adam runs are among them, comparison.md/.csv (time to Adam's final loss; with --bench, also the step
-time vs Adam from benchmarks/optimizer_step.py --csv) into OUT_DIR. A comparison of more than 6 optimizers gets small
-multiples by family (figure1*) and a ranked dot plot (ranking.png/.pdf).
+time vs Adam from benchmarks/optimizer_step.py --csv) into OUT_DIR. A comparison of more than 6 optimizers
+gets small multiples by family (figure1*) and a ranked dot plot (ranking.png/.pdf).
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="where the figures and tables go")
     parser.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead (online)")
     parser.add_argument("--window", type=int, default=10, help="moving-average window in steps (paper: 10)")
-    parser.add_argument("--bench", type=Path, metavar="BENCH_CSV", help="benchmarks/optimizer_step.py --csv output: adds its step time vs Adam")
+    parser.add_argument(
+        "--bench", type=Path, metavar="BENCH_CSV", help="benchmarks/optimizer_step.py --csv output: adds its step time vs Adam"
+    )
     args = parser.parse_args(argv)
     with exit_on_run_error(), tempfile.TemporaryDirectory() as tmp:
         if args.from_wandb:
@@ -52,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("give RUNS_DIR or --from-wandb ENTITY/PROJECT")
         else:
             runs = load_runs(args.runs_dir)
-        bench = read_bench(args.bench) if args.bench else None
-        write_outputs(runs, args.out, args.window, bench, args.bench)
+        write_outputs(runs, args.out, args.window, args.bench)
     return 0
 
 
@@ -63,7 +64,7 @@ def read_bench(path: Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def write_outputs(runs, out: Path, window: int, bench: pd.DataFrame | None = None, bench_csv: Path | None = None) -> None:
+def write_outputs(runs, out: Path, window: int, bench_csv: Path | None = None) -> None:
     problems = check_consistent(runs)
     for problem in problems:
         warnings.warn(f"{problem}: compare with care")
@@ -89,7 +90,7 @@ def write_outputs(runs, out: Path, window: int, bench: pd.DataFrame | None = Non
     finals.to_csv(out / "final_losses.csv", index=False)
     (out / "final_losses.md").write_text(final_losses_markdown(finals, header))
     written = "table1.md/.csv, final_losses.md/.csv"
-    comparison = build_comparison(runs, bench)
+    comparison = build_comparison(runs, read_bench(bench_csv) if bench_csv else None)
     if not comparison.empty:
         comparison.to_csv(out / "comparison.csv", index=False)
         (out / "comparison.md").write_text(comparison_markdown(comparison, header, bench_csv))

@@ -141,16 +141,23 @@ def time_kernel_size(kernel_size: int, names: list[str], args: argparse.Namespac
     }  # fmt: skip
 
 
+def overheads(results: dict[int, dict[str, tuple]]) -> dict[tuple[int, str], float]:
+    """Per (kernel size, optimizer): its mean optimizer-step time above Adam's over Adam's mean training step, the
+    overhead free of the forward and backward passes' noise."""
+    return {
+        (k, name): (found[3] - per_opt["adam"][3]) / per_opt["adam"][1] for k, per_opt in results.items() for name, found in per_opt.items()
+    }
+
+
 def step_table(results: dict[int, dict[str, tuple]]) -> pd.DataFrame:
-    """The timings as rows: step means and medians (ms), and the optimizer's mean time over Adam's per Adam
-    training step as a fraction (the report's noise-free overhead column), per kernel size and optimizer."""
-    rows = []
-    for k, per_opt in results.items():
-        base_mean, base_opt_mean = per_opt["adam"][1], per_opt["adam"][3]
-        for name, (median, mean, _, opt_mean, state, _) in per_opt.items():
-            rows.append({"kernel_size": k, "optimizer": name, "train_step_median_ms": 1e3 * median, "train_step_mean_ms": 1e3 * mean,
-                         "optimizer_step_mean_ms": 1e3 * opt_mean, "overhead_per_adam_step": (opt_mean - base_opt_mean) / base_mean,
-                         "state_mb": state})  # fmt: skip
+    """The timings as rows: step means and medians (ms), and the optimizer's overhead per Adam training step as a
+    fraction (the report's noise-free column), per kernel size and optimizer."""
+    overhead = overheads(results)
+    rows = [
+        {"kernel_size": k, "optimizer": name, "train_step_median_ms": 1e3 * median, "train_step_mean_ms": 1e3 * mean,
+         "optimizer_step_mean_ms": 1e3 * opt_mean, "overhead_per_adam_step": overhead[k, name], "state_mb": state}
+        for k, per_opt in results.items() for name, (median, mean, _, opt_mean, state, _) in per_opt.items()
+    ]  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -187,11 +194,10 @@ def report(results: dict[int, dict[str, tuple]], ddp: dict[int, dict], args: arg
         "| state (MB) | kernels decomposed per step |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    overhead: dict[tuple[int, str], float] = {}
+    overhead = overheads(results)
     for k, per_opt in results.items():
-        base_median, base_mean, _, base_opt_mean, _, _ = per_opt["adam"]
+        base_median, base_mean = per_opt["adam"][:2]
         for name, (median, mean, opt_median, opt_mean, state, decomposed) in per_opt.items():
-            overhead[k, name] = (opt_mean - base_opt_mean) / base_mean
             share = "" if decomposed is None else f"{100 * decomposed:.1f} %"
             lines.append(
                 f"| {k}x{k} | {name} | {median * 1e3:.1f} | {100 * (median / base_median - 1):+.1f} % "

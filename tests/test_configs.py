@@ -76,4 +76,3 @@ def test_fashion_mnist_sweeps_place_and_read_their_learning_rates(tmp_path, monk
     other = compose_config(tmp_path, ["experiment=compare_fashion_mnist", "optimizer=soap", "model.kernel_size=5"])
     with pytest.raises(InterpolationResolutionError, match="has no tuned lr for soap at 5x5"):
         _ = other.optimizer.lr
-

@@ -19,8 +19,8 @@ of step losses (the same window as an epoch's train loss); the first step at whi
 target counts. Seconds are summed step times (zero_grad, forward, backward, optimizer step; no evaluation).
 Steps and seconds are medians over the seeds that reach the target; "reached" counts them. The step-time
 ratio divides a run's mean step time after 10 warm-up steps (periodic work such as inverses and refreshes
-included) by Adam's; the peak state is the largest optimizer state (its tensors'
-bytes) at the end of any epoch. Both are medians over seeds; losses and accuracies are mean ± std."""
+included) by Adam's; the peak state is the largest optimizer state (its tensors' bytes) at the end of any
+epoch. Both are medians over seeds; losses and accuracies are mean ± std."""
 
 
 def epoch_window_loss(run: Run) -> pd.Series:

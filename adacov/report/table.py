@@ -16,12 +16,13 @@ optimizer step on one batch already on the device - timed with CUDA events on a 
 inside the loop; the events are read every `log_every` steps) and with `time.perf_counter` on a CPU.
 The first {WARMUP_STEPS} steps of each run are warm-up and excluded; a run's step time is the mean
 over its remaining steps, so that work done every few steps (fast AdaCov's refreshes, the K-FAC
-family's inverses, Shampoo's roots) counts at its amortized cost, and a table cell the median over runs. The increase over Adam is computed
-per seed against the Adam run with the same seed and kernel size, and given as mean ± std over
-seeds. Epoch time is the wall time of an epoch's training loop (batch sampling and augmentation on
-the device included, test evaluation excluded), median over epochs after the first and over runs.
-Peak memory is CUDA's peak allocation per epoch on a GPU and the process's peak resident memory on a
-CPU. The paper's numbers were measured on a GTX 1080Ti with an i9-7900X (section 3)."""
+family's inverses, Shampoo's roots) counts at its amortized cost, and a table cell the median over
+runs. The increase over Adam is computed per seed against the Adam run with the same seed and kernel
+size, and given as mean ± std over seeds. Epoch time is the wall time of an epoch's training loop
+(batch sampling and augmentation on the device included, test evaluation excluded), median over
+epochs after the first and over runs. Peak memory is CUDA's peak allocation per epoch on a GPU and
+the process's peak resident memory on a CPU. The paper's numbers were measured on a GTX 1080Ti with
+an i9-7900X (section 3)."""
 
 
 def run_step_time(run: Run) -> float:
