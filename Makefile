@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml
 test: install ## run the test suite on CPU
 	$(PY) -m pytest
 
-BENCH_OPTIMIZERS := adam adacov adacov_fast eadam mbf kfac ekfac tkfac tekfac soap shampoo kron adahessian sophia
+BENCH_OPTIMIZERS := adam adacov adacov_fast adacov_fast_t10 adacov_fast_t10_drift eadam mbf kfac ekfac tkfac tekfac soap shampoo kron adahessian sophia
 # The Fashion-MNIST comparison's 12 optimizers at its net's widths, one thread as its runs have, interleaved in one
 # process: the comparison's step time vs Adam (plot_curves.py --bench) comes from this CSV.
 FASHION_BENCH_CSV := results/optimizer_step_fashion_mnist_cpu.csv
@@ -72,7 +72,7 @@ bench: install ## the CPU benchmarks (step time vs Adam with DDP rows and goals,
 	$(PY) benchmarks/optimizer_step.py --optimizers $(BENCH_OPTIMIZERS) --out results/optimizer_step_cpu.md
 	$(FASHION_BENCH)
 	$(PY) benchmarks/kfac_cost.py --out results/kfac_cost_cpu.md
-	$(PY) benchmarks/profile_step.py --out results/profile_step_cpu.md
+	$(PY) benchmarks/profile_step.py --compile --out results/profile_step_cpu.md
 	$(PY) benchmarks/fast_adacov_direction.py --kernel-sizes 3 5 --epochs 3 --out results/fast_adacov_direction_cpu.md
 	$(PY) benchmarks/covariance_storage.py --out results/covariance_storage_cpu.md
 

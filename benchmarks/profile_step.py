@@ -12,23 +12,31 @@ kernel, the parameter; the Adam rule's tensors), over the bandwidth of ``a.add_(
 buffers as large as those bytes. The cached step is timed alone (``basis_refresh_every`` so large that no kernel
 is checked), by wall clock, median of 9 steps.
 
-    python benchmarks/profile_step.py --out results/profile_step_cpu.md
+Then the cached step's two products with the bases, the rotation ``[g, m]^T Q`` and the back-rotation ``Q y``
+(``bmm`` of one row per kernel): per tensor as the optimizer runs them, with every kernel of the net in one call,
+and with ``--compile`` also as broadcast reductions compiled by ``torch.compile`` (inductor, which could fuse
+them), each against one plain read of the bases (``Q.sum()``).
+
+    python benchmarks/profile_step.py --compile --out results/profile_step_cpu.md
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from adacov import AdaCov
+from adacov.optim.adacov import BASIS, EXP_AVG
 from adacov.optim.matrix_functions import folded_width
 from adacov.optim.registry import OPTIMIZERS
 from bench_report import machine_description, publish
@@ -81,7 +89,38 @@ def median_seconds(fn, repeats: int = 9) -> float:
     return statistics.median(samples)
 
 
-def profile_kernel_size(kernel_size: int, batch: int) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+def rotate(gm: Tensor, Q: Tensor) -> Tensor:
+    """The cached step's products: ``y = [g, m]^T Q`` ``[B, 2, d]``, then ``Q y_m`` ``[B, d]``."""
+    y = torch.bmm(gm, Q)
+    return torch.bmm(y[:, 1:], Q.mT).squeeze(1)
+
+
+def rotate_reduced(gm: Tensor, Q: Tensor) -> Tensor:
+    """``rotate`` as broadcast multiplies and sums, the form inductor fuses into loops without temporaries."""
+    y = (gm.unsqueeze(-1) * Q.unsqueeze(1)).sum(-2)
+    return (Q * y[:, 1].unsqueeze(-2)).sum(-1)
+
+
+def rotation_ms(optimizer: AdaCov, compiled: bool) -> dict[str, float]:
+    """Milliseconds (median of 9) of the cached step's two products per tensor, in one call for every kernel, and
+    compiled (``compiled``), and of one read of every basis."""
+    blocks = [(torch.stack([p.grad.reshape(-1, s[BASIS].shape[-1]), s[EXP_AVG].reshape(-1, s[BASIS].shape[-1])], 1), s[BASIS])
+              for p, s in optimizer.state.items() if BASIS in s]  # fmt: skip
+    gm, Q = torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+    found = {
+        "per tensor": 1e3 * median_seconds(lambda: [rotate(*b) for b in blocks]),
+        "one call": 1e3 * median_seconds(lambda: rotate(gm, Q)),
+        "read Q": 1e3 * median_seconds(Q.sum),
+        "Q MB": Q.numel() * Q.element_size() / 2**20,
+    }
+    if compiled:
+        fused = torch.compile(rotate_reduced, dynamic=False)
+        torch.testing.assert_close(fused(gm, Q), rotate(gm, Q), rtol=1e-4, atol=1e-6 * float(rotate(gm, Q).abs().max()))
+        found["compiled"] = 1e3 * median_seconds(lambda: fused(gm, Q))
+    return found
+
+
+def profile_kernel_size(kernel_size: int, batch: int, compiled: bool = False) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     torch.manual_seed(0)
     model = ConvNet6(kernel_size=kernel_size)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 100, (batch,))
@@ -100,7 +139,7 @@ def profile_kernel_size(kernel_size: int, batch: int) -> tuple[dict[str, dict[st
     rate = bandwidth(nbytes)
     measured = median_seconds(cached.step)
     floor = {"MB": nbytes / 2**20, "GB/s": rate / 1e9, "floor ms": 1e3 * nbytes / rate, "cached ms": 1e3 * measured}
-    return found, floor
+    return found, floor | rotation_ms(cached, compiled)
 
 
 def report(results: dict[int, tuple[dict, dict]], batch: int) -> str:
@@ -134,6 +173,19 @@ def report(results: dict[int, tuple[dict, dict]], batch: int) -> str:
         ratio = f["cached ms"] / f["floor ms"]
         verdict = "met" if ratio <= FLOOR_GOAL else f"NOT met, {ratio / FLOOR_GOAL:.2f}x the goal"
         lines.append(f"- {k}x{k}: {ratio:.2f}x the floor (goal <= {FLOOR_GOAL:.0f}x: {verdict})")
+    lines += [
+        "",
+        "Of the cached step, the rotation `[g, m]^T Q` and the back-rotation `Q y` (`bmm`, one row per kernel; median "
+        "of 9), against one read of the bases (`Q.sum()`); bandwidths count the bases' bytes read twice, and once:",
+        "",
+        "| kernel | bases Q (MB) | per tensor, as the step (ms) | every kernel in one call (ms) | compiled (ms) "
+        "| read Q once (ms) | rotations' bandwidth (GB/s) | read's bandwidth (GB/s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, (_, f) in results.items():
+        compiled = f"{f['compiled']:.1f}" if "compiled" in f else "-"
+        lines.append(f"| {k}x{k} | {f['Q MB']:.1f} | {f['per tensor']:.1f} | {f['one call']:.1f} | {compiled} | {f['read Q']:.1f} "
+                     f"| {2 * f['Q MB'] * 2**20 / 1e6 / f['per tensor']:.1f} | {f['Q MB'] * 2**20 / 1e6 / f['read Q']:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -141,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel-sizes", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--compile", action="store_true", help="also time the rotations compiled by torch.compile")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
     args = parser.parse_args(argv)
-    results = {k: profile_kernel_size(k, args.batch) for k in args.kernel_sizes}
+    if args.compile and not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        parser.error("--compile needs a C++ compiler (g++, c++ or clang++ on PATH, or CXX): torch.compile builds CPU kernels with it")
+    results = {k: profile_kernel_size(k, args.batch, args.compile) for k in args.kernel_sizes}
     publish(report(results, args.batch), args.out, "Where AdaCov's step spends its time", "profile_step.py", argv)
     return 0
 

@@ -39,7 +39,7 @@ def test_packed_covariance_matches_the_full_blocks():
         ("optimizer_step.py", ["--kernel-sizes", "3", "--rounds", "1", "--warmup", "0", "--batch", "4", "--widths", "4", "4", "4", "4",
                                "4", "4", "--in-channels", "1", "--classes", "10", "--ddp-rounds", "1"], "| 3x3 | adacov | 2 |"),
         ("covariance_storage.py", ["--kernel-sizes", "3", "--rounds", "1", "--batch", "4"], "| 3x3 | fast |"),
-        ("profile_step.py", ["--kernel-sizes", "3", "--batch", "4"], "| 3x3 | fast |"),
+        ("profile_step.py", ["--kernel-sizes", "3", "--batch", "4", "--compile"], "| 3x3 | fast |"),
         ("fast_adacov_direction.py", ["--kernel-sizes", "3", "--epochs", "2", "--steps-per-epoch", "3", "--batch", "4",
                                       "--channels", "4", "4", "4", "4", "4", "4"], "| 3x3 | staggered, T=10, QR refresh (SOAP) |"),
         ("kfac_cost.py", ["--kernel-sizes", "3", "--variants", "tekfac", "--rounds", "1", "--batch", "2"], "| 3x3 | tekfac |"),
@@ -69,3 +69,19 @@ def test_optimizer_step_csv_holds_the_reports_overheads(tmp_path):
     assert list(rows.index) == [(3, "adam"), (3, "adacov")] and rows.loc[(3, "adam"), "overhead_per_adam_step"] == 0.0
     shown = next(line for line in out.read_text().splitlines() if line.startswith("| 3x3 | adacov |")).split("|")[9]
     assert f"{100 * rows.loc[(3, 'adacov'), 'overhead_per_adam_step']:+.1f} %" == shown.strip()
+
+
+def test_optimizer_step_times_fast_rules_beside_the_default(tmp_path):
+    """The refresh rules run under their own settings: with threshold 0 and T = 10, each timed step after the first
+    decomposes the next tenth of every tensor's kernels, so 10 steps decompose each kernel once (10.0 % a step)."""
+    out = tmp_path / "report.md"
+    args = ["--kernel-sizes", "3", "--optimizers", "adam", "adacov_fast", "adacov_fast_t10", "--rounds", "10", "--warmup", "1",
+            "--batch", "4", "--widths", "4", "4", "4", "4", "4", "4", "--in-channels", "1", "--classes", "10", "--ddp-ranks"]  # fmt: skip
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "optimizer_step.py"), *args, "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "adacov_fast_t10 = AdaCov(basis_refresh_every=10, basis_refresh_warmup=0, basis_drift_threshold=0.0)" in text
+    assert "adacov_fast = AdaCov(basis_refresh_every=5, basis_refresh_warmup=0, basis_drift_threshold=0.2)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 3x3 | adacov_fast_t10 |"))
+    assert row.split("|")[11].strip() == "10.0 %"
