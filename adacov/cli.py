@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from adacov.errors import DivergenceError, RunError, UserError
+
+log = logging.getLogger(__name__)
+
+
+def _log_in_run(error: RunError) -> None:
+    """Also write ``error`` into the run's own log (train.log), once Hydra has set that up; before, stderr has it."""
+    if logging.getLogger().handlers:
+        log.error(error)
 
 
 def check_group_choices(argv: Sequence[str], config_dir: Path) -> None:
@@ -46,6 +55,7 @@ def exit_on_run_error() -> Iterator[None]:
         yield
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
+        _log_in_run(error)
         raise SystemExit(error.exit_status) from None
 
 
@@ -65,3 +75,4 @@ def divergence_ends_only_this_sweep_job() -> Iterator[None]:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
         print(f"error: {error}", file=sys.stderr)
+        _log_in_run(error)

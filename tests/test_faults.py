@@ -132,6 +132,10 @@ def test_a_diverging_job_ends_only_itself_in_a_sweep(tmp_path):
     assert len(errors) == 1 and "the training loss is nan" in errors[0], result.stderr
     finished = [len(pd.read_csv(path)) for path in sorted(sweep.rglob("epochs.csv"))]
     assert sorted(finished) == [0, 1]
+    logs = {path.parent.name: path.read_text() for path in sweep.rglob("train.log")}  # each run's log says how it ended
+    stopped = next(text for name, text in logs.items() if "lr=1000000000000" in name)
+    assert "[ERROR] - the training loss is nan at step" in stopped and "epoch 1/1" not in stopped
+    assert "[INFO] - epoch 1/1: train loss" in next(text for name, text in logs.items() if "lr=0.001" in name)
 
 
 def test_diverging_run_exits_with_one_line(tmp_path):

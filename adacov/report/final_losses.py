@@ -22,7 +22,8 @@ NOTES = """\
 Final epoch: the last row of each run's epochs.csv - train loss is the mean training loss over that
 epoch's steps, test loss and accuracy are measured after it. Cells are mean ± std over the seeds that
 finished an epoch; "stopped early" counts the runs that ended before their last epoch (a divergence,
-or a sweep still under way: the run's train.log says which). The
+or a sweep still under way: a run's train.log ends with the error where it stopped, its metrics.csv with
+the steps before it). The
 "vs" columns pair runs by seed (same initial weights, same batches): per seed the relative
 difference of final train loss in percent, then mean ± standard error over the seeds both have."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import signal
@@ -32,6 +33,8 @@ from adacov.training.salr import SALR, SALR_LOG, SALRSettings
 from adacov.training.sharpness import salr_sharpness
 from adacov.training.step_buffer import StepBuffer
 from adacov.training.stop_signals import StopSignals
+
+log = logging.getLogger(__name__)  # under Hydra: the run's train.log
 
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_LOSS = ("stop", "skip")
@@ -193,10 +196,10 @@ class Trainer:
             self.logger.log_epoch(last)
             if position.loss_count < self.steps_per_epoch:
                 tqdm.write(f"warning: skipped {self.steps_per_epoch - position.loss_count} steps with a non-finite loss")
-            tqdm.write(
-                f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f}, "
-                f"test loss {test_loss:.4f}, test acc {test_acc:.4f}, {epoch_time:.1f} s"
-            )
+            summary = (f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f}, "
+                       f"test loss {test_loss:.4f}, test acc {test_acc:.4f}, {epoch_time:.1f} s")  # fmt: skip
+            tqdm.write(summary)
+            log.info(summary)
         self.replicas.check_in_sync([*self.model.parameters(), *optimizer_tensors(self.optimizer)])
         self.position = Position(step=position.step, epoch=epoch + 1)
         self._save()
