@@ -97,6 +97,9 @@ def test_comparison_takes_step_time_from_the_benchmark_csv(tmp_path):
     assert table.loc[("3x3", "AdaCov"), "step time vs Adam, bench"] == pytest.approx(1.3)
     assert table.loc[("3x3", "Adam"), "step time vs Adam, bench"] == pytest.approx(1.0)
     assert np.isnan(table.loc[("5x5", "AdaCov"), "step time vs Adam, bench"])
+    steps = table["steps to target"]
+    assert table.loc[("3x3", "AdaCov"), "time to target, bench (Adam steps)"] == pytest.approx(1.3 * steps[("3x3", "AdaCov")])
+    assert table.loc[("3x3", "Adam"), "time to target, bench (Adam steps)"] == pytest.approx(steps[("3x3", "Adam")])
     assert str(bench) in (tmp_path / "out" / "comparison.md").read_text()
     with pytest.raises(SystemExit):
         plot_curves.main([str(runs), "--out", str(tmp_path / "out"), "--bench", str(tmp_path / "none.csv")])
