@@ -227,6 +227,21 @@ def test_a_comparison_draws_a_panel_per_family_and_a_ranking(tmp_path, monkeypat
     assert comparison_figure.family_of("tekfac") == "K-FAC family" and comparison_figure.family_of("adam") == "other"
 
 
+def test_a_family_legend_names_members_run_at_one_kernel_size_only(tmp_path, monkeypatch):
+    """EKFAC has 5x5 runs only: the K-FAC column's legend (on its top, 3x3, panel) still names it, in family order."""
+    from adacov.report import comparison_figure
+
+    for name in ["adam", "adacov", "adacov_fast", "eadam", "mbf", "kfac", "soap"]:
+        for k in (3, 5):
+            make_run(tmp_path / "runs", name, k, 0, 0.1, final_train_loss=0.5)
+    make_run(tmp_path / "runs", "ekfac", 5, 0, 0.1, final_train_loss=0.5)
+    legends = []
+    monkeypatch.setattr(comparison_figure, "_save", lambda fig, out, formats: legends.append(
+        {ax.get_title(): [t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()}) or [])  # fmt: skip
+    assert plot_curves.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    assert legends[0]["K-FAC family"] == ["K-FAC", "EKFAC", "Adam (reference)", "AdaCov", "AdaCov (fast)"]
+
+
 def test_every_optimizer_has_a_family_with_its_own_colours():
     """Each optimizer of the registry is drawn in a family panel (or as a subject or the reference), each family
     has a colour in the ranking, and no two members of a panel share a colour."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -87,6 +88,15 @@ def build_comparison(runs: list[Run], bench: pd.DataFrame | None = None) -> pd.D
     return pd.DataFrame(rows)
 
 
+WHOLE_NUMBERS = {"steps to target", "seconds to target", "time to target, bench (Adam steps)"}  # 1143, not 1.14e+03
+
+
+def _cell(fmt: str, value: object) -> str:
+    """A table cell: floats in ``fmt``, missing values as "-", anything else as it prints."""
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else format(value, fmt)
+    return str(value)
+
 BENCH_NOTE = """\
 "Step time vs Adam, bench" comes from {where} (benchmarks/optimizer_step.py --csv, whose report says how it ran):
 every optimizer trains its own copy of the net on the same synthetic batches, interleaved round by round in one
@@ -99,7 +109,8 @@ than Adam where it is below Adam's own steps to target. The other time columns w
 def comparison_markdown(table: pd.DataFrame, header: str, bench_csv: Path | None = None) -> str:
     if table.empty:
         return f"# Comparison\n\n{header}\n\nNo Adam runs: there is no target to compare against.\n"
-    shown = table.astype(object).where(table.notna(), None)
-    body = shown.to_markdown(index=False, floatfmt=".3g", missingval="-")
+    shown = table.apply(lambda column: column.map(partial(_cell, ".0f" if column.name in WHOLE_NUMBERS else ".3g")))
+    align = ["left" if column in ("kernel", "optimizer") else "right" for column in shown.columns]
+    body = shown.to_markdown(index=False, disable_numparse=True, colalign=align)
     notes = NOTES + ("\n\n" + BENCH_NOTE.format(where=f"`{bench_csv}`") if bench_csv is not None else "")
     return f"# Comparison\n\n{header}\n\n{body}\n\n{notes}\n"

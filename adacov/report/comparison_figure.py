@@ -66,10 +66,14 @@ def plot_comparison(runs: list[Run], out: Path, x: str = "epoch", window: int = 
             ax.grid(alpha=0.3, which="both")
             if row == 0:
                 ax.set_title(family, fontsize=11)
-                ax.legend(fontsize=7.5, loc="upper right")
             if row == len(kernels) - 1:
                 ax.set_xlabel("epochs" if x == "epoch" else "training time (s, sum of step times)")
         axes[row][0].set_ylabel(f"{k}x{k} filters: training loss\n(moving average of {window} steps)")
+    for col, family in enumerate(families):  # one legend per column, on top, for the lines of every row
+        members = others if family == "other" else FAMILIES[family]
+        drawn = {label: line for ax in axes[:, col] for line, label in zip(*ax.get_legend_handles_labels())}
+        order = [_label(name) for name in [*members, REFERENCE, *SUBJECTS] if _label(name) in drawn]
+        axes[0][col].legend([drawn[label] for label in order], order, fontsize=7.5, loc="upper right")
     axes[0][0].set_yscale("log")
     if lows:
         axes[0][0].set_ylim(0.8 * min(lows), 1.25 * max(starts))
@@ -79,13 +83,16 @@ def plot_comparison(runs: list[Run], out: Path, x: str = "epoch", window: int = 
     return _save(fig, out, formats)
 
 
+def _label(name: str) -> str:
+    return NAMES.get(name, name) + (" (reference)" if name == REFERENCE else "")
+
+
 def _draw(ax, runs: list[Run], name: str, x: str, window: int, color: str, style: str, width: float, band: bool, lows, starts) -> None:
     group = [r for r in runs if r.optimizer == name]
     if not group:
         return
     c = curve(group, x, window)
-    label = NAMES.get(name, name) + (" (reference)" if name == REFERENCE else "")
-    ax.plot(c[x], c["mean"], color=color, ls=style, lw=width, label=label, zorder=3 if band else 2)
+    ax.plot(c[x], c["mean"], color=color, ls=style, lw=width, label=_label(name), zorder=3 if band else 2)
     if band and len(group) > 1:
         ax.fill_between(c[x], (c["mean"] - c["std"]).clip(lower=1e-6), c["mean"] + c["std"], color=color, alpha=0.18, lw=0, zorder=1)
     lows.append(c["mean"].min())
