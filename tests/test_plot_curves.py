@@ -210,6 +210,22 @@ def test_final_metrics_are_mean_and_std_over_seeds_by_hand(tmp_path):
     assert table.loc["adam", "loss_std"] == 0.0 and table.loc["adam", "loss"] == 0.9
 
 
+def test_the_ranking_counts_only_finished_seeds_and_says_how_many_stopped(tmp_path):
+    """MBF: seed 0 finishes at 0.4, seed 1 stops after epoch 1 (3.5), seed 2 in its first epoch: its dot is seed 0's
+    alone and its label says 2 of 3 stopped; SENG's only seed stopped: no dot, "all of 1"."""
+    from adacov.report.comparison_figure import _ranked_label, final_metrics
+
+    runs = [make_run(tmp_path, "mbf", 5, seed, 0.1, final_train_loss=0.4) for seed in (0, 1, 2)] + [make_run(tmp_path, "seng", 5, 0, 0.1)]
+    epochs = pd.read_csv(runs[0] / "epochs.csv")
+    epochs.iloc[:1].to_csv(runs[1] / "epochs.csv", index=False)
+    for run in runs[2:]:
+        epochs.iloc[:0].to_csv(run / "epochs.csv", index=False)
+    table = final_metrics(load_runs(tmp_path)).set_index("optimizer")
+    assert table.loc["mbf", "loss"] == 0.4 and table.loc["mbf", "acc"] == 0.2 and table.loc["mbf", "seeds"] == 1
+    assert _ranked_label(table.reset_index().iloc[0]) == "MBF (2 of 3 stopped early)"
+    assert np.isnan(table.loc["seng", "loss"]) and _ranked_label(table.reset_index().iloc[1]) == "SENG (all of 1 stopped early)"
+
+
 def test_a_comparison_draws_a_panel_per_family_and_a_ranking(tmp_path, monkeypatch):
     """More than 6 optimizers: small multiples with one column per family present, and the ranked dot plot."""
     from adacov.report import comparison_figure

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import matplotlib
@@ -100,28 +102,43 @@ def _draw(ax, runs: list[Run], name: str, x: str, window: int, color: str, style
 
 
 def final_metrics(runs: list[Run]) -> pd.DataFrame:
-    """Per kernel size and optimizer: mean and std over seeds of the last epoch's train loss and test accuracy."""
+    """Per kernel size and optimizer: mean and std over the seeds that finished of the last epoch's train loss and
+    test accuracy (NaN where none did), how many finished ("seeds"), and how many stopped early ("stopped")."""
     rows = [
-        {"k": r.kernel_size, "optimizer": r.optimizer, "loss": float(r.epochs.train_loss.iloc[-1]), "acc": float(r.epochs.test_acc.iloc[-1])}
+        {"k": r.kernel_size, "optimizer": r.optimizer, "finished": not (r.epochs.empty or r.stopped_early),
+         "loss": math.nan if r.epochs.empty else float(r.epochs.train_loss.iloc[-1]),
+         "acc": math.nan if r.epochs.empty else float(r.epochs.test_acc.iloc[-1])}
         for r in runs
-        if not r.epochs.empty
-    ]
-    table = pd.DataFrame(rows).groupby(["k", "optimizer"]).agg(
-        loss=("loss", "mean"), loss_std=("loss", "std"), acc=("acc", "mean"), acc_std=("acc", "std"), seeds=("loss", "size")
-    )
+    ]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    frame.loc[~frame.finished, ["loss", "acc"]] = math.nan
+    table = frame.groupby(["k", "optimizer"]).agg(
+        loss=("loss", "mean"), loss_std=("loss", "std"), acc=("acc", "mean"), acc_std=("acc", "std"),
+        seeds=("finished", "sum"), stopped=("finished", lambda f: int((~f).sum())),
+    )  # fmt: skip
     return table.fillna({"loss_std": 0.0, "acc_std": 0.0}).reset_index()
+
+
+def _ranked_label(row: pd.Series) -> str:
+    """The optimizer's name, and how many of its seeds stopped early (diverged) where any did."""
+    name = NAMES.get(row.optimizer, row.optimizer)
+    if not row.stopped:
+        return name
+    total = row.seeds + row.stopped
+    return f"{name} ({'all' if not row.seeds else row.stopped} of {total} stopped early)"
 
 
 def plot_ranking(runs: list[Run], out: Path, formats=("png",), title: str = "") -> list[Path]:
     """Write ``out.{format}``: per kernel size, the methods ranked by final train loss (log axis) and, beside it,
-    their test accuracy, as dots with +-1 std bars over seeds; AdaCov and fast AdaCov in their strong colours,
-    the others in their family's colour, Adam's mean as a dotted line."""
+    their test accuracy, as dots with +-1 std bars over the seeds that finished; AdaCov and fast AdaCov in their
+    strong colours, the others in their family's colour, Adam's mean as a dotted line. A label says how many seeds
+    stopped early; a method none of whose seeds finished is listed last, without a dot."""
     finals = final_metrics(runs)
     kernels = sorted(finals.k.unique())
     height = max(2.6, 0.28 * finals.optimizer.nunique() + 1.0)
     fig, axes = plt.subplots(len(kernels), 2, figsize=(10, height * len(kernels)), squeeze=False)
     for row, k in enumerate(kernels):
-        table = finals[finals.k == k].sort_values("loss", ascending=False).reset_index(drop=True)
+        table = finals[finals.k == k].sort_values("loss", ascending=False, na_position="first").reset_index(drop=True)
         for col, (metric, label) in enumerate((("loss", "final train loss (log scale)"), ("acc", "final test accuracy"))):
             ax = axes[row][col]
             for i, r in table.iterrows():
@@ -132,7 +149,7 @@ def plot_ranking(runs: list[Run], out: Path, formats=("png",), title: str = "") 
             if not reference.empty:
                 ax.axvline(float(reference[metric].iloc[0]), color="#222222", ls=":", lw=1.2)
             ax.set_yticks(range(len(table)))
-            ax.set_yticklabels([NAMES.get(n, n) for n in table.optimizer])
+            ax.set_yticklabels([_ranked_label(r) for _, r in table.iterrows()])
             for tick, name in zip(ax.get_yticklabels(), table.optimizer):
                 if name in SUBJECTS:
                     tick.set_color(SUBJECTS[name][0])
