@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from adacov.report.figure import NAMES, curve  # noqa: E402
+from adacov.report.figure import NAMES, curve, save_figure as _save  # noqa: E402
 from adacov.report.runs import Run  # noqa: E402
 
 # The methods AdaCov is compared with, grouped by what their preconditioner is.
@@ -169,16 +169,6 @@ def plot_ranking(runs: list[Run], out: Path, formats=("png",), title: str = "") 
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _save(fig, out, formats)
-
-
-def _save(fig, out: Path, formats) -> list[Path]:
-    paths = []
-    for fmt in formats:
-        path = out.with_suffix(f".{fmt}")
-        fig.savefig(path, dpi=130, bbox_inches="tight")
-        paths.append(path)
-    plt.close(fig)
-    return paths
 
 
 __all__ = ["FAMILIES", "family_of", "final_metrics", "plot_comparison", "plot_ranking"]

@@ -99,10 +99,16 @@ def plot_figure(runs: list[Run], out: Path, x: str = "epoch", window: int = 10, 
     if title:
         fig.suptitle(title + (" (bottom: test accuracy)" if accuracy else ""), fontsize=10)
     fig.tight_layout()
+    return save_figure(fig, out, formats)
+
+
+def save_figure(fig, out: Path, formats) -> list[Path]:
+    """Write ``out.{format}`` for each format and close ``fig``. A PDF carries no creation date, so that the same
+    runs give the same bytes and a rebuilt report changes only where its runs did."""
     paths = []
     for fmt in formats:
         path = out.with_suffix(f".{fmt}")
-        fig.savefig(path, dpi=130, bbox_inches="tight")
+        fig.savefig(path, dpi=130, bbox_inches="tight", metadata={"CreationDate": None} if fmt == "pdf" else None)
         paths.append(path)
     plt.close(fig)
     return paths
