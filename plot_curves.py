@@ -32,7 +32,7 @@ from adacov.report import (
     plot_figure,
     table_markdown,
 )
-from adacov.report.comparison_figure import plot_comparison, plot_ranking
+from adacov.report.comparison_figure import plot_comparison, plot_cost, plot_ranking
 from adacov.report.figure import CROWDED
 from adacov.report.runs import check_consistent, runs_from_wandb
 
@@ -95,6 +95,9 @@ def write_outputs(runs, out: Path, window: int, bench_csv: Path | None = None) -
         comparison.to_csv(out / "comparison.csv", index=False)
         (out / "comparison.md").write_text(comparison_markdown(comparison, header, bench_csv))
         written += ", comparison.md/.csv"
+        if bench_csv:
+            plot_cost(comparison, out / "cost", ("png",), title=f"What each method gains and costs - {setting}")
+            written += ", cost.png"
     print(f"wrote {', '.join(p.name for p in sorted([*out.glob('figure1*'), *out.glob('ranking*')]))}, {written} to {out}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -101,6 +102,7 @@ def test_comparison_takes_step_time_from_the_benchmark_csv(tmp_path):
     assert table.loc[("3x3", "AdaCov"), "time to target, bench (Adam steps)"] == pytest.approx(1.3 * steps[("3x3", "AdaCov")])
     assert table.loc[("3x3", "Adam"), "time to target, bench (Adam steps)"] == pytest.approx(steps[("3x3", "Adam")])
     assert str(bench) in (tmp_path / "out" / "comparison.md").read_text()
+    assert (tmp_path / "out" / "cost.png").is_file()
     with pytest.raises(SystemExit):
         plot_curves.main([str(runs), "--out", str(tmp_path / "out"), "--bench", str(tmp_path / "none.csv")])
 
@@ -224,6 +226,19 @@ def test_the_ranking_counts_only_finished_seeds_and_says_how_many_stopped(tmp_pa
     assert table.loc["mbf", "loss"] == 0.4 and table.loc["mbf", "acc"] == 0.2 and table.loc["mbf", "seeds"] == 1
     assert _ranked_label(table.reset_index().iloc[0]) == "MBF (2 of 3 stopped early)"
     assert np.isnan(table.loc["seng", "loss"]) and _ranked_label(table.reset_index().iloc[1]) == "SENG (all of 1 stopped early)"
+
+
+def test_the_cost_plot_puts_each_method_at_its_bench_ratio_and_final_loss(tmp_path, monkeypatch):
+    from adacov.report import comparison_figure
+
+    table = pd.DataFrame({"kernel": ["3x3", "3x3", "5x5"], "optimizer": ["Adam", "AdaCov", "K-FAC"],
+                          "final train loss": [0.4, 0.3, 0.35], "± std": [0.01, math.nan, 0.02],
+                          "step time vs Adam, bench": [1.0, 1.5, 2.0]})  # fmt: skip
+    drawn = []
+    monkeypatch.setattr(comparison_figure, "_save", lambda fig, out, formats: drawn.append(
+        [[(t.get_text(), t.xy) for t in ax.texts] for ax in fig.axes]) or [])  # fmt: skip
+    comparison_figure.plot_cost(table, tmp_path / "cost")
+    assert drawn == [[[("Adam", (1.0, 0.4)), ("AdaCov", (1.5, 0.3))], [("K-FAC", (2.0, 0.35))]]]
 
 
 def test_a_comparison_draws_a_panel_per_family_and_a_ranking(tmp_path, monkeypatch):

@@ -171,4 +171,34 @@ def plot_ranking(runs: list[Run], out: Path, formats=("png",), title: str = "") 
     return _save(fig, out, formats)
 
 
-__all__ = ["FAMILIES", "family_of", "final_metrics", "plot_comparison", "plot_ranking"]
+def plot_cost(comparison: pd.DataFrame, out: Path, formats=("png",), title: str = "") -> list[Path]:
+    """Write ``out.{format}``: per kernel size, each method's final train loss (mean +- 1 std over seeds) against its
+    step time over Adam's from the benchmark (``comparison``'s "step time vs Adam, bench"), so that what a method
+    gains and what it costs read off one plot: below Adam's dotted line it ends lower, right of 1 it costs more."""
+    keys = {shown: name for name, shown in NAMES.items()}
+    kernels = list(dict.fromkeys(comparison.kernel))
+    fig, axes = plt.subplots(1, len(kernels), figsize=(5.4 * len(kernels), 4.4), squeeze=False, sharey=True)
+    for ax, kernel in zip(axes[0], kernels):
+        table = comparison[comparison.kernel == kernel]
+        for _, r in table.iterrows():
+            name = keys.get(r.optimizer, r.optimizer)
+            color = SUBJECTS[name][0] if name in SUBJECTS else FAMILY_COLORS.get(family_of(name), "#222222")
+            x, y, spread = r["step time vs Adam, bench"], r["final train loss"], r["± std"]
+            ax.errorbar(x, y, yerr=0 if math.isnan(spread) else spread, fmt="o", color=color, ms=8 if name in SUBJECTS else 5,
+                        capsize=2.5, lw=1.2)  # fmt: skip
+            ax.annotate(r.optimizer, (x, y), xytext=(5, 3), textcoords="offset points", fontsize=8, color=color,
+                        fontweight="bold" if name in SUBJECTS else "normal")  # fmt: skip
+            if name == REFERENCE:
+                ax.axhline(y, color="#222222", ls=":", lw=1.2)
+        ax.margins(x=0.15)  # room for the labels right of the points
+        ax.set_title(f"{kernel} filters", fontsize=10)
+        ax.set_xlabel("step time over Adam's (benchmark, interleaved)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final train loss (mean ± 1 std over seeds)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, formats)
+
+
+__all__ = ["FAMILIES", "family_of", "final_metrics", "plot_comparison", "plot_cost", "plot_ranking"]
