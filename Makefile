@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml
 test: install ## run the test suite on CPU
 	$(PY) -m pytest
 
-BENCH_OPTIMIZERS := adam adacov adacov_fast adacov_fast_t10 adacov_fast_t10_drift eadam mbf kfac ekfac tkfac tekfac soap shampoo kron adahessian sophia
+BENCH_OPTIMIZERS := adam adacov adacov_fast adacov_fast_t10 adacov_fast_t10_drift adacov_fast_t50 eadam mbf kfac ekfac tkfac tekfac soap shampoo kron adahessian sophia
 # The Fashion-MNIST comparison's 12 optimizers at its net's widths, one thread as its runs have, interleaved in one
 # process: the comparison's step time vs Adam (plot_curves.py --bench) comes from this CSV.
 FASHION_BENCH_CSV := results/optimizer_step_fashion_mnist_cpu.csv
@@ -91,9 +91,14 @@ demo: install ## offline CPU demo on scikit-learn digits -> results/demo/figure1
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=demo
 	$(PY) plot_curves.py results/demo/runs --out results/demo
 
-demo-fast: install ## fast vs exact AdaCov on the demo, 10 seeds -> results/demo_fast/figure1.png
+# Fast AdaCov under two other refresh rules beside its default, each run labelled by its optimizer_name.
+DEMO_FAST_RULE = WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=demo_fast optimizer=adacov_fast model.kernel_size=3,5 'seed=range(10)'
+
+demo-fast: install ## fast (three refresh rules) vs exact AdaCov on the demo, 10 seeds -> results/demo_fast/figure1.png
 	rm -rf results/demo_fast/runs
 	WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m experiment=demo_fast
+	$(DEMO_FAST_RULE) optimizer_name=adacov_fast_t10_drift optimizer.basis_refresh_every=10 optimizer.basis_drift_threshold=0.2
+	$(DEMO_FAST_RULE) optimizer_name=adacov_fast_t50 optimizer.basis_refresh_every=50 optimizer.basis_drift_threshold=0
 	$(PY) plot_curves.py results/demo_fast/runs --out results/demo_fast
 
 # The learning-rate sweep: every optimizer's 5 grid points, then, where the best one lay on an edge of its

@@ -62,7 +62,7 @@ def rules() -> list[Rule]:
     return [
         Rule("all kernels every 10 steps (before issue 23)", 10, staggered=False),
         Rule("staggered, T=10, no drift check", 10),
-        Rule("staggered, T=20, no drift check", 20),
+        *(Rule(f"staggered, T={t}, no drift check", t) for t in (20, 50, 100)),
         *(Rule(f"staggered, T={t}, drift > {tau:g}", t, tau) for t in (10, 5) for tau in (0.1, 0.2)),
         Rule("staggered, T=10, QR refresh (SOAP)", 10, qr=True),
         Rule("staggered, T=10, Q in float16", 10, basis_dtype=torch.float16),

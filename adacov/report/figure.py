@@ -14,7 +14,10 @@ import pandas as pd  # noqa: E402
 from adacov.report.runs import Run  # noqa: E402
 
 NAMES = {
-    "adam": "Adam", "adacov": "AdaCov", "adacov_fast": "AdaCov (fast)", "eadam": "EAdam", "mbf": "MBF",
+    "adam": "Adam", "adacov": "AdaCov", "adacov_fast": "AdaCov (fast)",
+    # fast AdaCov under other refresh rules, labelled by optimizer_name=... (docs/fast-adacov.md)
+    "adacov_fast_t10_drift": "AdaCov (fast, T=10, drift 0.2)", "adacov_fast_t50": "AdaCov (fast, T=50)",
+    "eadam": "EAdam", "mbf": "MBF",
     "kfac": "K-FAC", "ekfac": "EKFAC", "tkfac": "TKFAC", "tekfac": "TEKFAC", "rs_kfac": "RS-KFAC",
     "sre_kfac": "SRE-KFAC", "b_kfac": "B-KFAC", "b_r_kfac": "B-R-KFAC", "b_kfac_c": "B-KFAC-c",
     "kld_wrm_so": "KLD-WRM (SO)", "kld_wrm_q": "KLD-WRM (Q)", "seng": "SENG", "whitening": "Whitening",
