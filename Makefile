@@ -45,7 +45,7 @@ BENCH_OPTIMIZERS := adam adacov adacov_fast adacov_fast_t10 adacov_fast_t10_drif
 # The Fashion-MNIST comparison's 12 optimizers at its net's widths, one thread as its runs have, interleaved in one
 # process: the comparison's step time vs Adam (plot_curves.py --bench) comes from this CSV.
 FASHION_BENCH_CSV := results/optimizer_step_fashion_mnist_cpu.csv
-FASHION_BENCH = OMP_NUM_THREADS=1 $(PY) benchmarks/optimizer_step.py --optimizers adam adacov adacov_fast mbf eadam kfac ekfac \
+FASHION_BENCH = OMP_NUM_THREADS=1 $(PY) benchmarks/optimizer_step.py --optimizers adam adacov adacov_fast adacov_fast_t50 mbf eadam kfac ekfac \
 	tkfac tekfac soap shampoo kron --widths 16 16 32 32 64 64 --in-channels 1 --classes 10 --ddp-ranks \
 	--out results/optimizer_step_fashion_mnist_cpu.md --csv $(FASHION_BENCH_CSV)
 
@@ -111,6 +111,9 @@ EXTEND := $(TUNE) tune_trial=0 seed=0,1,2
 FASHION_SWEEP = OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true $(PY) train.py -m resume=$(RESUME)
 FASHION_TUNE := results/fashion_mnist/tune
 FASHION_COMPARE := results/fashion_mnist/compare
+# Fast AdaCov with an unchecked 50-step refresh cycle (issue 23's cost goals) beside the 12, at fast AdaCov's tuned lr.
+FAST_T50 := optimizer=adacov_fast optimizer_name=adacov_fast_t50 tuned_as=adacov_fast optimizer.basis_refresh_every=50 \
+	optimizer.basis_drift_threshold=0
 
 tune: install ## the lr sweep on the demo (~2 h) -> results/tune/; DATA=fashion_mnist: 12 optimizers on Fashion-MNIST (its 72 grid runs took about 2 h 15 min here, with other jobs sharing the CPU) -> results/fashion_mnist/tune/
 ifeq ($(DATA),fashion_mnist)
@@ -138,6 +141,7 @@ ifeq ($(DATA),fashion_mnist)
 	$(MAKE) --no-print-directory data DATA=fashion_mnist
 	$(if $(filter true,$(RESUME)),,rm -rf $(FASHION_COMPARE)/runs)
 	$(FASHION_SWEEP) experiment=compare_fashion_mnist
+	$(FASHION_SWEEP) experiment=compare_fashion_mnist $(FAST_T50)
 	$(FASHION_BENCH)
 	$(PY) plot_curves.py $(FASHION_COMPARE)/runs --out $(FASHION_COMPARE) --bench $(FASHION_BENCH_CSV)
 else
