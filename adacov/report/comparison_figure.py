@@ -25,7 +25,9 @@ FAMILIES = {
     "Kronecker peers": ["soap", "shampoo", "kron"],
     "Hessian-based": ["adahessian", "sophia"],
 }
-SUBJECTS = {"adacov": ("#d62728", "-"), "adacov_fast": ("#ff7f0e", "--")}  # drawn on top, in every panel
+SUBJECTS = {  # drawn on top, in every panel: AdaCov, fast AdaCov, and fast AdaCov under another refresh rule
+    "adacov": ("#d62728", "-"), "adacov_fast": ("#ff7f0e", "--"), "adacov_fast_t50": ("#e377c2", ":"),
+}  # fmt: skip
 REFERENCE = "adam"  # drawn in every panel as the baseline
 MEMBER_COLORS = ["#4c72b0", "#55a868", "#8172b2", "#937860", "#64b5cd", "#8c8c8c"]  # muted; a family has at most 6
 FAMILY_COLORS = {
