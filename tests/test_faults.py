@@ -55,6 +55,10 @@ def test_signal_mid_epoch_checkpoints_and_resume_gives_the_uninterrupted_losses(
     pd.testing.assert_frame_equal(full[["step", "epoch", "loss"]], cut[["step", "epoch", "loss"]])
     pd.testing.assert_frame_equal(pd.read_csv(uninterrupted / "epochs.csv")[["epoch", "train_loss", "test_loss"]],
                                   pd.read_csv(run_dir / "epochs.csv")[["epoch", "train_loss", "test_loss"]])
+    # the interrupted epoch's time counts both processes: at least the sum of all its steps' times
+    epoch = position["epoch"] + 1
+    steps = cut[(cut.step > 32 * (epoch - 1)) & (cut.step <= 32 * epoch)]
+    assert pd.read_csv(run_dir / "epochs.csv").set_index("epoch").epoch_time_s[epoch] >= steps.step_time_s.sum()
 
 
 @pytest.mark.numerics

@@ -48,7 +48,8 @@ class Position:
     """Where training stands; saved in every checkpoint so a run resumes at the exact batch.
 
     ``epoch`` counts finished epochs, ``batch`` the batches done in the current one; ``loss_sum`` and
-    ``loss_count`` add up its finite losses for the epoch's mean train loss.
+    ``loss_count`` add up its finite losses for the epoch's mean train loss, and ``epoch_seconds`` the
+    wall time the stopped processes before this one spent in it, so that a resumed epoch's time is whole.
     """
 
     step: int = 0
@@ -56,6 +57,7 @@ class Position:
     batch: int = 0
     loss_sum: float = 0.0
     loss_count: int = 0
+    epoch_seconds: float = 0.0
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -142,7 +144,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(device)
         generator = epoch_generator(cfg.seed, epoch, device)
         self.model.train()
-        start = time.perf_counter()
+        self.epoch_start = time.perf_counter() - position.epoch_seconds
         progress = tqdm(
             total=self.steps_per_epoch,
             initial=position.batch,
@@ -179,7 +181,7 @@ class Trainer:
                 if device.type != "cuda" or len(steps) >= cfg.log_every:
                     self._flush(steps, signals)
             self._flush(steps, signals)
-        epoch_time = time.perf_counter() - start
+        epoch_time = time.perf_counter() - self.epoch_start
 
         test_loss, test_acc = evaluate(self.model, self.data, self.mean, self.std, self.replicas)
         self.last = last = {
@@ -229,6 +231,7 @@ class Trainer:
         position.loss_count += len(finite)
         steps.log(losses)
         if stop:
+            position.epoch_seconds = time.perf_counter() - self.epoch_start
             self._save()
             signum = signals.received or signal.SIGTERM
             raise TrainingInterrupted(
