@@ -159,8 +159,8 @@ def plot_ranking(runs: list[Run], out: Path, formats=("png",), title: str = "") 
             if metric == "loss":
                 ax.set_xscale("log")
                 low, high = ax.get_xlim()
-                # 1-2-5 ticks while they fit; over more than two decades (a diverging method) powers of ten
-                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0) if high / low <= 100 else (1.0,)))
+                # 1-2-5 ticks while they fit; over more than three decades (a diverging method) powers of ten
+                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0) if high / low <= 1000 else (1.0,)))
                 ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
                 ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel(label)
