@@ -97,6 +97,7 @@ def _cell(fmt: str, value: object) -> str:
         return "-" if math.isnan(value) else format(value, fmt)
     return str(value)
 
+
 BENCH_NOTE = """\
 "Step time vs Adam, bench" comes from {where} (benchmarks/optimizer_step.py --csv, whose report says how it ran):
 every optimizer trains its own copy of the net on the same synthetic batches, interleaved round by round in one

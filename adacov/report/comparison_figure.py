@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import matplotlib
@@ -121,6 +120,11 @@ def final_metrics(runs: list[Run]) -> pd.DataFrame:
     return table.fillna({"loss_std": 0.0, "acc_std": 0.0}).reset_index()
 
 
+def _dot_color(name: str) -> str:
+    """A method's colour in the dot plots: its own for AdaCov's, its family's for the others."""
+    return SUBJECTS[name][0] if name in SUBJECTS else FAMILY_COLORS.get(family_of(name), "#222222")
+
+
 def _ranked_label(row: pd.Series) -> str:
     """The optimizer's name, and how many of its seeds stopped early (diverged) where any did."""
     name = NAMES.get(row.optimizer, row.optimizer)
@@ -144,9 +148,8 @@ def plot_ranking(runs: list[Run], out: Path, formats=("png",), title: str = "") 
         for col, (metric, label) in enumerate((("loss", "final train loss (log scale)"), ("acc", "final test accuracy"))):
             ax = axes[row][col]
             for i, r in table.iterrows():
-                color = SUBJECTS[r.optimizer][0] if r.optimizer in SUBJECTS else FAMILY_COLORS.get(family_of(r.optimizer), "#222222")
-                strong = r.optimizer in SUBJECTS
-                ax.errorbar(r[metric], i, xerr=r[f"{metric}_std"], fmt="o", color=color, ms=8 if strong else 5, capsize=2.5, lw=1.4)
+                ax.errorbar(r[metric], i, xerr=r[f"{metric}_std"], fmt="o", color=_dot_color(r.optimizer),
+                            ms=8 if r.optimizer in SUBJECTS else 5, capsize=2.5, lw=1.4)  # fmt: skip
             reference = table[table.optimizer == REFERENCE]
             if not reference.empty:
                 ax.axvline(float(reference[metric].iloc[0]), color="#222222", ls=":", lw=1.2)
@@ -186,7 +189,7 @@ def plot_cost(comparison: pd.DataFrame, out: Path, formats=("png",), title: str 
         table = comparison[comparison.kernel == kernel]
         for _, r in table.iterrows():
             name = keys.get(r.optimizer, r.optimizer)
-            color = SUBJECTS[name][0] if name in SUBJECTS else FAMILY_COLORS.get(family_of(name), "#222222")
+            color = _dot_color(name)
             x, y, spread = r["step time vs Adam, bench"], r["final train loss"], r["± std"]
             ax.errorbar(x, y, yerr=0 if math.isnan(spread) else spread, fmt="o", color=color, ms=8 if name in SUBJECTS else 5,
                         capsize=2.5, lw=1.2)  # fmt: skip
