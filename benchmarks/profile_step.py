@@ -47,6 +47,7 @@ REGIONS = ("adacov::covariance_update", "adacov::eigh", "adacov::apply_inverse_r
 REPEATS = 3
 STEP_REGION = "Optimizer.step#AdaCov.step"
 FLOOR_GOAL = 2.0  # issue 23: the cached step within 2x of its floor
+SIMD_BITS = {"DEFAULT": 1, "AVX2": 256, "AVX512": 512}  # ATen's CPU capability -> inductor's cpp.simdlen
 
 
 def profiled_ms(optimizer: AdaCov) -> dict[str, float]:
@@ -114,9 +115,13 @@ def rotation_ms(optimizer: AdaCov, compiled: bool) -> dict[str, float]:
         "Q MB": Q.numel() * Q.element_size() / 2**20,
     }
     if compiled:
-        fused, eager = torch.compile(rotate_reduced, dynamic=False), rotate(gm, Q)
-        torch.testing.assert_close(fused(gm, Q), eager, rtol=1e-4, atol=1e-6 * float(eager.abs().max()))
-        found["compiled"] = 1e3 * median_seconds(lambda: fused(gm, Q))
+        # Inductor writes vector code for the CPU it detects; with ATen held to narrower kernels (ATEN_CPU_CAPABILITY)
+        # that code fails to build or computes wrong sums, so its vector width follows ATen's (1: scalar loops).
+        simd_bits = SIMD_BITS.get(torch.backends.cpu.get_cpu_capability())
+        with torch._inductor.config.patch({} if simd_bits is None else {"cpp.simdlen": simd_bits}):
+            fused, eager = torch.compile(rotate_reduced, dynamic=False), rotate(gm, Q)
+            torch.testing.assert_close(fused(gm, Q), eager, rtol=1e-4, atol=1e-6 * float(eager.abs().max()))
+            found["compiled"] = 1e3 * median_seconds(lambda: fused(gm, Q))
     return found
 
 
