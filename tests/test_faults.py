@@ -76,6 +76,22 @@ def test_sigkill_after_first_epoch_then_resume_logs_the_uninterrupted_steps(tmp_
     pd.testing.assert_frame_equal(full[["step", "epoch", "loss"]], cut[["step", "epoch", "loss"]])
 
 
+def test_resume_leaves_a_finished_record_without_checkpoint_as_it_is(small_config, tmp_path):
+    """Committed runs keep no checkpoint: resume=true (make compare RESUME=true) must not train them over; a record
+    that stops short of the epochs asked for, with no checkpoint to continue from, trains from the start."""
+    last = train(small_config("optimizer=adam", "epochs=2"))
+    (tmp_path / CHECKPOINT).unlink()
+    files = ("metrics.csv", "epochs.csv", "config.yaml", "environment.json")
+    recorded = {name: (tmp_path / name).read_bytes() for name in files}
+
+    assert train(small_config("optimizer=adam", "epochs=2", "resume=true")) == pytest.approx(last, nan_ok=True)
+    assert {name: (tmp_path / name).read_bytes() for name in files} == recorded
+    assert not (tmp_path / CHECKPOINT).exists()
+
+    longer = train(small_config("optimizer=adam", "epochs=3", "resume=true"))
+    assert longer["epoch"] == 3 and pd.read_csv(tmp_path / "metrics.csv").step.tolist() == list(range(1, 25))
+
+
 @pytest.fixture
 def nan_at_step_5(monkeypatch):
     """Make the net's 5th training forward pass return NaN logits (an injected fault)."""

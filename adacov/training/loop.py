@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import resource
@@ -24,11 +25,11 @@ from tqdm import tqdm
 from adacov.data import ImageData
 from adacov.errors import NonFiniteLossError, OptimizerFailedError, TrainingInterrupted, UserError
 from adacov.optim import KFAC, MBF, kfac_param_groups, mbf_param_groups
-from adacov.training.checkpoint import load_checkpoint, save_checkpoint
+from adacov.training.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from adacov.training.data_order import DATA_ORDERS, epoch_generator, fixed_order
 from adacov.training.distributed import Replicas, start_replicas
 from adacov.training.lr_scaling import LR_SCALINGS, lr_factor, resolve_rule, scale_learning_rates
-from adacov.training.run_logger import RunLogger, environment
+from adacov.training.run_logger import EPOCHS, RunLogger, environment
 from adacov.training.salr import SALR, SALR_LOG, SALRSettings
 from adacov.training.sharpness import salr_sharpness
 from adacov.training.step_buffer import StepBuffer
@@ -71,11 +72,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
     (``data_order``, ``lr_scaling``, ``salr``) are in docs/loop-methods.md.
     """
     check_settings(cfg)
+    if cfg.resume and (last := finished_record(Path(cfg.paths.output_dir), cfg.epochs)) is not None:
+        log.info(f"resume=true: {cfg.paths.output_dir} records all {cfg.epochs} epochs already; nothing to train")
+        return last
     replicas, device_name = start_replicas(cfg.device, cfg.batch_size)
     try:
         return Trainer(cfg, replicas, resolve_device(device_name)).run()
     finally:
         replicas.close()
+
+
+def finished_record(run_dir: Path, epochs: int) -> dict[str, float] | None:
+    """The last row of ``run_dir``'s epochs.csv where it records ``epochs`` epochs or more and no checkpoint is
+    there (committed runs keep none), so that ``resume=true`` leaves a finished record as it is; else None.
+
+    With a checkpoint the trainer resumes from it (training no epoch when the run had finished), and a record
+    that stops short, with no checkpoint to continue from, trains over from the start.
+    """
+    if (run_dir / CHECKPOINT).is_file() or not (run_dir / EPOCHS).is_file():
+        return None
+    with open(run_dir / EPOCHS, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or int(rows[-1]["epoch"]) < epochs:
+        return None
+    return {key: int(value) if key in ("epoch", "step") else float(value) for key, value in rows[-1].items()}
 
 
 class Trainer:
