@@ -76,16 +76,19 @@ def test_sigkill_after_first_epoch_then_resume_logs_the_uninterrupted_steps(tmp_
     pd.testing.assert_frame_equal(full[["step", "epoch", "loss"]], cut[["step", "epoch", "loss"]])
 
 
-def test_resume_leaves_a_finished_record_without_checkpoint_as_it_is(small_config, tmp_path):
-    """Committed runs keep no checkpoint: resume=true (make compare RESUME=true) must not train them over; a record
-    that stops short of the epochs asked for, with no checkpoint to continue from, trains from the start."""
+def test_resume_leaves_a_finished_record_as_it_is(small_config, tmp_path):
+    """resume=true (make compare RESUME=true) neither trains a finished run over nor rewrites its record (its config
+    and environment keep the command that trained it), with its checkpoint or without (committed runs keep none);
+    a record that stops short of the epochs asked for, with no checkpoint to continue from, trains from the start."""
     last = train(small_config("optimizer=adam", "epochs=2"))
-    (tmp_path / CHECKPOINT).unlink()
     files = ("metrics.csv", "epochs.csv", "config.yaml", "environment.json")
     recorded = {name: (tmp_path / name).read_bytes() for name in files}
-
-    assert train(small_config("optimizer=adam", "epochs=2", "resume=true")) == pytest.approx(last, nan_ok=True)
-    assert {name: (tmp_path / name).read_bytes() for name in files} == recorded
+    for checkpoint_kept in (True, False):
+        if not checkpoint_kept:
+            (tmp_path / CHECKPOINT).unlink()
+        again = train(small_config("optimizer=adam", "epochs=2", "resume=true", "log_every=7"))
+        assert again == pytest.approx(last, nan_ok=True)
+        assert {name: (tmp_path / name).read_bytes() for name in files} == recorded
     assert not (tmp_path / CHECKPOINT).exists()
 
     longer = train(small_config("optimizer=adam", "epochs=3", "resume=true"))

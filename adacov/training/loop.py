@@ -25,7 +25,7 @@ from tqdm import tqdm
 from adacov.data import ImageData
 from adacov.errors import NonFiniteLossError, OptimizerFailedError, TrainingInterrupted, UserError
 from adacov.optim import KFAC, MBF, kfac_param_groups, mbf_param_groups
-from adacov.training.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from adacov.training.checkpoint import load_checkpoint, save_checkpoint
 from adacov.training.data_order import DATA_ORDERS, epoch_generator, fixed_order
 from adacov.training.distributed import Replicas, start_replicas
 from adacov.training.lr_scaling import LR_SCALINGS, lr_factor, resolve_rule, scale_learning_rates
@@ -83,13 +83,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def finished_record(run_dir: Path, epochs: int) -> dict[str, float] | None:
-    """The last row of ``run_dir``'s epochs.csv where it records ``epochs`` epochs or more and no checkpoint is
-    there (committed runs keep none), so that ``resume=true`` leaves a finished record as it is; else None.
+    """The last row of ``run_dir``'s epochs.csv where it records ``epochs`` epochs or more, else None.
 
-    With a checkpoint the trainer resumes from it (training no epoch when the run had finished), and a record
-    that stops short, with no checkpoint to continue from, trains over from the start.
+    ``resume=true`` leaves such a record as it is, with or without a checkpoint (committed runs keep none):
+    its config.yaml and environment.json keep the command and commit that trained it. A record that stops
+    short resumes from its checkpoint, or trains from the start where there is none.
     """
-    if (run_dir / CHECKPOINT).is_file() or not (run_dir / EPOCHS).is_file():
+    if not (run_dir / EPOCHS).is_file():
         return None
     with open(run_dir / EPOCHS, newline="") as f:
         rows = list(csv.DictReader(f))
