@@ -14,6 +14,7 @@ import torch
 from adacov.errors import DivergenceError, NonFiniteLossError
 from adacov.training import train
 from adacov.training.checkpoint import CHECKPOINT
+from adacov.training.loop import finished_record
 from models.conv6 import ConvNet6
 from tests.conftest import LONG, ROOT, SMALL, cli_env, run_cli, wait_for_rows
 
@@ -90,6 +91,10 @@ def test_resume_leaves_a_finished_record_as_it_is(small_config, tmp_path):
         assert again == pytest.approx(last, nan_ok=True)
         assert {name: (tmp_path / name).read_bytes() for name in files} == recorded
     assert not (tmp_path / CHECKPOINT).exists()
+
+    torn = recorded["epochs.csv"].splitlines(keepends=True)
+    (tmp_path / "epochs.csv").write_bytes(b"".join(torn[:-1]) + torn[-1][:4])  # killed while writing epoch 2's row
+    assert finished_record(tmp_path, 2) is None
 
     longer = train(small_config("optimizer=adam", "epochs=3", "resume=true"))
     assert longer["epoch"] == 3 and pd.read_csv(tmp_path / "metrics.csv").step.tolist() == list(range(1, 25))

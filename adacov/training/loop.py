@@ -93,7 +93,7 @@ def finished_record(run_dir: Path, epochs: int) -> dict[str, float] | None:
         return None
     with open(run_dir / EPOCHS, newline="") as f:
         rows = list(csv.DictReader(f))
-    if not rows or int(rows[-1]["epoch"]) < epochs:
+    if not rows or None in rows[-1].values() or int(rows[-1]["epoch"]) < epochs:  # None: a torn last line
         return None
     return {key: int(value) if key in ("epoch", "step") else float(value) for key, value in rows[-1].items()}
 
