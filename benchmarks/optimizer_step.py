@@ -62,7 +62,7 @@ SETTINGS: dict[str, dict] = {  # each optimizer's settings here; its class and p
 FAST_RULES: dict[str, dict] = {
     "adacov_fast_t10": dict(basis_refresh_every=10, basis_drift_threshold=0.0),  # each kernel every 10 steps, unchecked
     "adacov_fast_t10_drift": dict(basis_refresh_every=10, basis_drift_threshold=0.2),
-    "adacov_fast_t50": dict(basis_refresh_every=50, basis_drift_threshold=0.0),  # the cycle issue 23's goals need here
+    "adacov_fast_t5_drift": dict(basis_refresh_every=5, basis_drift_threshold=0.2),  # the default before the T=50 cycle
 }
 SETTINGS |= {name: SETTINGS["adacov_fast"] | rule for name, rule in FAST_RULES.items()}
 ENTRY = {name: "adacov_fast" if name in FAST_RULES else name for name in SETTINGS}  # each name's registry entry

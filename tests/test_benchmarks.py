@@ -82,6 +82,6 @@ def test_optimizer_step_times_fast_rules_beside_the_default(tmp_path):
     assert result.returncode == 0, result.stderr
     text = out.read_text()
     assert "adacov_fast_t10 = AdaCov(basis_refresh_every=10, basis_refresh_warmup=0, basis_drift_threshold=0.0)" in text
-    assert "adacov_fast = AdaCov(basis_refresh_every=5, basis_refresh_warmup=0, basis_drift_threshold=0.2)" in text
+    assert "adacov_fast = AdaCov(basis_refresh_every=50, basis_refresh_warmup=0, basis_drift_threshold=0.0)" in text
     row = next(line for line in text.splitlines() if line.startswith("| 3x3 | adacov_fast_t10 |"))
     assert row.split("|")[11].strip() == "10.0 %"

@@ -29,14 +29,15 @@ def _grid_runs(alpha: float, optimizer: str) -> list[dict]:
     return rows
 
 
-def test_batch_analysis_recovers_linear_and_square_root_scaling():
-    runs = pd.DataFrame(_grid_runs(1.0, "sgd") + _grid_runs(0.5, "adam"))
+def test_batch_analysis_recovers_linear_square_root_and_no_scaling():
+    runs = pd.DataFrame(_grid_runs(1.0, "sgd") + _grid_runs(0.5, "adam") + _grid_runs(0.1, "adacov"))
     batch = batch_table(runs)
-    np.testing.assert_allclose(batch.refined_lr, [1e-3 * (b / 32) ** a for a in (0.5, 1.0) for b in (32, 64, 128, 256)],
-                               rtol=1e-9)  # fmt: skip
+    expected = [1e-3 * (b / 32) ** a for a in (0.1, 0.5, 1.0) for b in (32, 64, 128, 256)]  # sorted by optimizer
+    np.testing.assert_allclose(batch.refined_lr, expected, rtol=1e-9)
     exponents = scaling_exponents(batch).set_index("optimizer")
     assert exponents.alpha["sgd"] == pytest.approx(1.0) and exponents.closer_to["sgd"] == "linear"
     assert exponents.alpha["adam"] == pytest.approx(0.5) and exponents.closer_to["adam"] == "square root"
+    assert exponents.alpha["adacov"] == pytest.approx(0.1) and exponents.closer_to["adacov"] == "none"
 
 
 def test_a_batch_size_where_no_lr_trained_is_left_out_of_the_fit():

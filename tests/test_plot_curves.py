@@ -241,6 +241,22 @@ def test_the_cost_plot_puts_each_method_at_its_bench_ratio_and_final_loss(tmp_pa
     assert drawn == [[[("Adam", (1.0, 0.4)), ("AdaCov", (1.5, 0.3))], [("K-FAC", (2.0, 0.35))]]]
 
 
+def test_the_cost_plot_draws_a_blown_up_method_at_its_top_edge(tmp_path, monkeypatch):
+    """TKFAC's mean of 1637 would squash every other method into one line: the axis ends at twice Adam's loss, and
+    TKFAC sits on that edge with its mean in its label."""
+    from adacov.report import comparison_figure
+
+    table = pd.DataFrame({"kernel": ["3x3"] * 3, "optimizer": ["Adam", "SOAP", "TKFAC"], "final train loss": [0.4, 0.3, 1637.0],
+                          "± std": [0.01, 0.01, 2085.0], "step time vs Adam, bench": [1.0, 1.2, 1.7]})  # fmt: skip
+    drawn = []
+    monkeypatch.setattr(comparison_figure, "_save", lambda fig, out, formats: drawn.append(
+        ([(t.get_text(), t.xy) for t in fig.axes[0].texts], fig.axes[0].get_ylim())) or [])  # fmt: skip
+    comparison_figure.plot_cost(table, tmp_path / "cost")
+    (texts, (_, top)), = drawn
+    assert texts == [("Adam", (1.0, 0.4)), ("SOAP", (1.2, 0.3)), ("TKFAC (1.64e+03, off scale)", (1.7, 0.8))]
+    assert top == pytest.approx(0.8)
+
+
 def test_a_comparison_draws_a_panel_per_family_and_a_ranking(tmp_path, monkeypatch):
     """More than 6 optimizers: small multiples with one column per family present, and the ranked dot plot."""
     from adacov.report import comparison_figure

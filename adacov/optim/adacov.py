@@ -126,7 +126,8 @@ class AdaCov(BaseOptimizer):
             batch 128: while ``s(t)`` rises from 0 to 0.9 and the average holds few gradients, the
             covariance and its basis change fastest; this is 1/20 of the paper's training).
         basis_drift_threshold: a checked kernel is decomposed again when its ``offdiagonal_mass`` exceeds this
-            (default 0.2; 0: every checked kernel).
+            (default 0: every checked kernel, so each basis is renewed every ``T`` steps; 0.2 skips most
+            bases that stayed put, at the price of the check).
         maximize: maximize the objective instead of minimizing it (default False).
         shard_decompositions: share the decompositions among the ranks of an initialized process group
             with more than one rank (default True). Turn it off when the ranks' gradients differ (no DDP).
@@ -149,7 +150,7 @@ class AdaCov(BaseOptimizer):
         weight_decay: float = 0.0,
         basis_refresh_every: int = 1,
         basis_refresh_warmup: int = 390,
-        basis_drift_threshold: float = 0.2,
+        basis_drift_threshold: float = 0.0,
         *,
         maximize: bool = False,
         shard_decompositions: bool = True,

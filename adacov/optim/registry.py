@@ -161,7 +161,7 @@ _ENTRIES = [
     OptimizerInfo("adacov", "adacov.optim.adacov.AdaCov", short_run=dict(offdiag_warmup=2.0), invalid=_ADACOV_INVALID),
     OptimizerInfo(
         "adacov_fast", "adacov.optim.adacov.AdaCov",
-        kwargs=dict(basis_refresh_every=5, basis_refresh_warmup=390, basis_drift_threshold=0.2),
+        kwargs=dict(basis_refresh_every=50, basis_refresh_warmup=390, basis_drift_threshold=0.0),
         short_run=dict(offdiag_warmup=2.0, basis_refresh_every=2, basis_refresh_warmup=1), invalid=_ADACOV_INVALID,
     ),  # fmt: skip
     OptimizerInfo(

@@ -16,7 +16,7 @@ from adacov.report.runs import Run  # noqa: E402
 NAMES = {
     "adam": "Adam", "adacov": "AdaCov", "adacov_fast": "AdaCov (fast)",
     # fast AdaCov under other refresh rules, labelled by optimizer_name=... (docs/fast-adacov.md)
-    "adacov_fast_t10_drift": "AdaCov (fast, T=10, drift 0.2)", "adacov_fast_t50": "AdaCov (fast, T=50)",
+    "adacov_fast_t10_drift": "AdaCov (fast, T=10, drift 0.2)", "adacov_fast_t5_drift": "AdaCov (fast, T=5, drift 0.2)",
     "eadam": "EAdam", "mbf": "MBF",
     "kfac": "K-FAC", "ekfac": "EKFAC", "tkfac": "TKFAC", "tekfac": "TEKFAC", "rs_kfac": "RS-KFAC",
     "sre_kfac": "SRE-KFAC", "b_kfac": "B-KFAC", "b_r_kfac": "B-R-KFAC", "b_kfac_c": "B-KFAC-c",

@@ -208,16 +208,20 @@ def _vertex(losses: pd.Series, best: int) -> float:
     return float(10 ** np.clip(-b / (2 * a), x[0], x[2])) if a > 0 else float(losses.index[best])
 
 
+SCALING_EXPONENTS = {"none": 0.0, "square root": 0.5, "linear": 1.0}  # lr ~ B^alpha under each lr_scaling rule
+
+
 def scaling_exponents(batch: pd.DataFrame) -> pd.DataFrame:
     """Per optimizer, the slope ``alpha`` of ``log(refined best lr)`` against ``log(B)`` (least squares over the
-    batch sizes that are not flat): linear scaling predicts 1, square-root scaling 0.5."""
+    batch sizes that are not flat), and the nearest of the rules ``lr_scaling`` offers: linear scaling predicts 1,
+    square-root scaling 0.5, none (one lr for every batch size) 0."""
     rows = []
     for optimizer, group in batch.groupby("optimizer"):
         fitted = group[~group.flat]
         if fitted.batch_size.nunique() < 2:
             continue
         alpha = float(np.polyfit(np.log(fitted.batch_size.values), np.log(fitted.refined_lr.values), 1)[0])
-        closer = "linear" if abs(alpha - 1.0) < abs(alpha - 0.5) else "square root"
+        closer = min(SCALING_EXPONENTS, key=lambda rule: abs(alpha - SCALING_EXPONENTS[rule]))
         rows.append({
             "optimizer": optimizer, "alpha": alpha, "closer_to": closer, "batch_sizes": ", ".join(map(str, fitted.batch_size)),
             "edge_points": int(fitted.edge.sum()),
