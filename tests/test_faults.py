@@ -14,7 +14,7 @@ import torch
 from adacov.errors import DivergenceError, NonFiniteLossError
 from adacov.training import train
 from adacov.training.checkpoint import CHECKPOINT
-from adacov.training.loop import finished_record
+from adacov.training.loop import DIVERGED, finished_record
 from models.conv6 import ConvNet6
 from tests.conftest import LONG, ROOT, SMALL, cli_env, run_cli, wait_for_rows
 
@@ -121,6 +121,21 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_steps_before_it(small_config
         train(small_config("optimizer=adam", "epochs=1"))
     assert pd.read_csv(tmp_path / "metrics.csv").step.tolist() == [1, 2, 3, 4]
     assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_resume_leaves_a_diverged_run_as_it_is(small_config, tmp_path, nan_at_step_5):
+    """A divergence is recorded in diverged.txt; resume=true repeats its error without training the run again or
+    rewriting its record (it would diverge at the same step); a run trained anew there removes the stale record."""
+    with pytest.raises(NonFiniteLossError):
+        train(small_config("optimizer=adam", "epochs=1"))
+    assert "loss is nan at step 5" in (tmp_path / DIVERGED).read_text()
+    files = ("metrics.csv", "epochs.csv", "config.yaml", "environment.json", DIVERGED)
+    recorded = {name: (tmp_path / name).read_bytes() for name in files}
+    with pytest.raises(DivergenceError, match=r"loss is nan at step 5.*resume=true leaves a diverged run as it is"):
+        train(small_config("optimizer=adam", "epochs=1", "resume=true", "log_every=7"))
+    assert {name: (tmp_path / name).read_bytes() for name in files} == recorded
+    train(small_config("optimizer=adam", "epochs=1", "resume=false"))  # the fixture's 5th forward has passed
+    assert not (tmp_path / DIVERGED).exists() and pd.read_csv(tmp_path / "metrics.csv").step.tolist() == list(range(1, 9))
 
 
 def test_nonfinite_loss_skip_leaves_the_weights_and_optimizer_untouched(small_config, tmp_path, nan_at_step_5):

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from adacov.data import ImageData
-from adacov.errors import NonFiniteLossError, OptimizerFailedError, TrainingInterrupted, UserError
+from adacov.errors import DivergenceError, NonFiniteLossError, OptimizerFailedError, TrainingInterrupted, UserError
 from adacov.optim import KFAC, MBF, kfac_param_groups, mbf_param_groups
 from adacov.training.checkpoint import load_checkpoint, save_checkpoint
 from adacov.training.data_order import DATA_ORDERS, epoch_generator, fixed_order
@@ -72,14 +72,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
     (``data_order``, ``lr_scaling``, ``salr``) are in docs/loop-methods.md.
     """
     check_settings(cfg)
-    if cfg.resume and (last := finished_record(Path(cfg.paths.output_dir), cfg.epochs)) is not None:
-        log.info(f"resume=true: {cfg.paths.output_dir} records all {cfg.epochs} epochs already; nothing to train")
+    run_dir = Path(cfg.paths.output_dir)
+    if cfg.resume and (last := finished_record(run_dir, cfg.epochs)) is not None:
+        log.info(f"resume=true: {run_dir} records all {cfg.epochs} epochs already; nothing to train")
         return last
+    if cfg.resume and (run_dir / DIVERGED).is_file():
+        raise DivergenceError(
+            f"{(run_dir / DIVERGED).read_text().strip()} (recorded in {run_dir / DIVERGED}; resume=true leaves a diverged "
+            "run as it is: delete that file to train it again)"
+        )
     replicas, device_name = start_replicas(cfg.device, cfg.batch_size)
     try:
+        if replicas.is_main:
+            (run_dir / DIVERGED).unlink(missing_ok=True)
         return Trainer(cfg, replicas, resolve_device(device_name)).run()
+    except DivergenceError as error:
+        if replicas.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / DIVERGED).write_text(f"{error}\n")
+        raise
     finally:
         replicas.close()
+
+
+# Written where a run stopped on a divergence, with the error's message; resume=true leaves such a run as it is
+# (it would diverge again at the same step: a resumed run repeats the uninterrupted one bit for bit).
+DIVERGED = "diverged.txt"
 
 
 def finished_record(run_dir: Path, epochs: int) -> dict[str, float] | None:
