@@ -14,7 +14,8 @@ import torch
 from adacov.errors import DivergenceError, NonFiniteLossError
 from adacov.training import train
 from adacov.training.checkpoint import CHECKPOINT
-from adacov.training.loop import DIVERGED, finished_record
+from adacov.training.loop import finished_record
+from adacov.training.run_logger import DIVERGED
 from models.conv6 import ConvNet6
 from tests.conftest import LONG, ROOT, SMALL, cli_env, run_cli, wait_for_rows
 

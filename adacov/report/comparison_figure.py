@@ -193,19 +193,19 @@ def plot_cost(comparison: pd.DataFrame, out: Path, formats=("png",), title: str 
     fig, axes = plt.subplots(1, len(kernels), figsize=(5.4 * len(kernels), 4.4), squeeze=False)
     for ax, kernel in zip(axes[0], kernels):
         table = comparison[comparison.kernel == kernel]
-        reference = table[table.optimizer.map(lambda shown: keys.get(shown, shown)) == REFERENCE]["final train loss"]
+        names = table.optimizer.map(lambda shown: keys.get(shown, shown))
+        reference = table[names == REFERENCE]["final train loss"]
         top = COST_PLOT_TOP * float(reference.iloc[0]) if not reference.empty else math.inf
-        for _, r in table.iterrows():
-            name = keys.get(r.optimizer, r.optimizer)
+        for name, (_, r) in zip(names, table.iterrows()):
             color = _dot_color(name)
             x, y, spread = r["step time vs Adam, bench"], r["final train loss"], r["± std"]
-            label, size = r.optimizer, 8 if name in SUBJECTS else 5
-            if y > top:
+            label, size, off_scale = r.optimizer, 8 if name in SUBJECTS else 5, y > top
+            if off_scale:
                 label, y = f"{r.optimizer} ({y:.3g}, off scale)", top
                 ax.plot(x, y, marker="^", ls="", color=color, ms=size, clip_on=False)
             else:
                 ax.errorbar(x, y, yerr=0 if math.isnan(spread) else spread, fmt="o", color=color, ms=size, capsize=2.5, lw=1.2)
-            ax.annotate(label, (x, y), xytext=(5, 3 if y < top else -10), textcoords="offset points", fontsize=8,
+            ax.annotate(label, (x, y), xytext=(5, -10 if off_scale else 3), textcoords="offset points", fontsize=8,
                         color=color, fontweight="bold" if name in SUBJECTS else "normal")  # fmt: skip
             if name == REFERENCE:
                 ax.axhline(y, color="#222222", ls=":", lw=1.2)

@@ -29,7 +29,7 @@ from adacov.training.checkpoint import load_checkpoint, save_checkpoint
 from adacov.training.data_order import DATA_ORDERS, epoch_generator, fixed_order
 from adacov.training.distributed import Replicas, start_replicas
 from adacov.training.lr_scaling import LR_SCALINGS, lr_factor, resolve_rule, scale_learning_rates
-from adacov.training.run_logger import EPOCHS, RunLogger, environment
+from adacov.training.run_logger import DIVERGED, EPOCHS, RunLogger, environment
 from adacov.training.salr import SALR, SALR_LOG, SALRSettings
 from adacov.training.sharpness import salr_sharpness
 from adacov.training.step_buffer import StepBuffer
@@ -93,11 +93,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
     finally:
         replicas.close()
-
-
-# Written where a run stopped on a divergence, with the error's message; resume=true leaves such a run as it is
-# (it would diverge again at the same step: a resumed run repeats the uninterrupted one bit for bit).
-DIVERGED = "diverged.txt"
 
 
 def finished_record(run_dir: Path, epochs: int) -> dict[str, float] | None:

@@ -22,6 +22,9 @@ METRICS = "metrics.csv"
 EPOCHS = "epochs.csv"
 ENVIRONMENT = "environment.json"
 CONFIG = "config.yaml"
+# Written where a run stopped on a divergence, with the error's line; resume=true leaves such a run as it is
+# (it would diverge again at the same step: a resumed run repeats the uninterrupted one bit for bit).
+DIVERGED = "diverged.txt"
 METRIC_FIELDS = ("step", "epoch", "loss", "step_time_s")
 EPOCH_FIELDS = ("epoch", "step", "train_loss", "test_loss", "test_acc", "epoch_time_s", "peak_mem_mb", "optimizer_state_mb")
 
