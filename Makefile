@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml
 test: install ## run the test suite on CPU
 	$(PY) -m pytest
 
-BENCH_OPTIMIZERS := adam adacov adacov_fast adacov_fast_t10 adacov_fast_t10_drift adacov_fast_t5_drift eadam mbf kfac ekfac tkfac tekfac soap shampoo kron adahessian sophia
+BENCH_OPTIMIZERS := adam adacov adacov_fast adacov_fast_compiled adacov_fast_t10 adacov_fast_t10_drift adacov_fast_t5_drift eadam mbf kfac ekfac tkfac tekfac soap shampoo kron adahessian sophia
 # The Fashion-MNIST comparison's first 12 optimizers at its net's widths, one thread as its runs have, interleaved in one
 # process: the comparison's step time vs Adam (plot_curves.py --bench) comes from this CSV.
 FASHION_BENCH_CSV := results/optimizer_step_fashion_mnist_cpu.csv

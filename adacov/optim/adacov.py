@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from adacov.optim.base import STEP, BaseOptimizer, lr_value, new_counter, step_grad
+from adacov.optim.compiled_step import cached_basis_steps, compiled, has_cxx_compiler, moment_updates
 from adacov.optim.distributor import Distributor, Job
 from adacov.optim.matrix_functions import (
     add_folded_outer,
@@ -129,6 +130,10 @@ class AdaCov(BaseOptimizer):
             (default 0: every checked kernel, so each basis is renewed every ``T`` steps; 0.2 skips most
             bases that stayed put, at the price of the check).
         maximize: maximize the objective instead of minimizing it (default False).
+        compile_step: run fast mode's cached-basis step as one function compiled by ``torch.compile``
+            (``adacov.optim.compiled_step``; default False). The same step up to float rounding, fused into loops
+            over the kernels; the first steps of each block size compile it. Needs a C++ compiler on the CPU.
+            Exact mode has no cached step and ignores it.
         shard_decompositions: share the decompositions among the ranks of an initialized process group
             with more than one rank (default True). Turn it off when the ranks' gradients differ (no DDP).
 
@@ -153,6 +158,7 @@ class AdaCov(BaseOptimizer):
         basis_drift_threshold: float = 0.0,
         *,
         maximize: bool = False,
+        compile_step: bool = False,
         shard_decompositions: bool = True,
     ) -> None:
         defaults = dict(
@@ -166,6 +172,7 @@ class AdaCov(BaseOptimizer):
             basis_refresh_warmup=basis_refresh_warmup,
             basis_drift_threshold=basis_drift_threshold,
             maximize=maximize,
+            compile_step=compile_step,
             shard_decompositions=shard_decompositions,
         )
         _validate(defaults)
@@ -213,15 +220,19 @@ class AdaCov(BaseOptimizer):
                 state[STEP] += 1
                 if uses_covariance(p):
                     fast = group["basis_refresh_every"] > 1
-                    key = (fast, math.prod(p.shape[2:]), p.dtype, p.device, group["shard_decompositions"])
+                    key = (fast, math.prod(p.shape[2:]), p.dtype, p.device, group["shard_decompositions"],
+                           fast and group["compile_step"])
                     kernels[key].append(Kernel(p, step_grad(p, group), state, group))
                 else:
                     eps = group["cov_eps"] if p.dim() >= 3 else group["eps"]
                     diagonal.append((p, step_grad(p, group), state, eps))
             if diagonal:
                 _diagonal_step(group, diagonal)
-        for (fast, *_, shared), jobs in kernels.items():
-            (_fast_step if fast else _exact_step)(jobs, self._workspace, Distributor(shared))
+        for (fast, *_, shared, compiled), jobs in kernels.items():
+            if fast:
+                _fast_step(jobs, self._workspace, Distributor(shared), compiled)
+            else:
+                _exact_step(jobs, self._workspace, Distributor(shared))
         return loss
 
 
@@ -245,6 +256,10 @@ def _validate(h: dict[str, Any]) -> None:
     check_nonnegative_int("basis_refresh_warmup", h["basis_refresh_warmup"])
     check_nonnegative("basis_drift_threshold", h["basis_drift_threshold"])
     check_bool("maximize", h["maximize"])
+    check_bool("compile_step", h["compile_step"])
+    if h["compile_step"] and not has_cxx_compiler():
+        raise ValueError("Invalid compile_step: True needs a C++ compiler (g++, c++ or clang++ on PATH, or CXX), with which "
+                         "torch.compile builds CPU kernels; set compile_step=False")
     check_bool("shard_decompositions", h["shard_decompositions"])
 
 
@@ -420,9 +435,17 @@ def _blended(state: dict[str, Tensor], rows: Tensor | slice, s: float, out: Tens
     return out
 
 
-def _fast_step(kernels: list[Kernel], workspace: EighWorkspace, distributor: Distributor) -> None:
+def _fast_step(kernels: list[Kernel], workspace: EighWorkspace, distributor: Distributor, compiled: bool) -> None:
     """Fast mode for tensors sharing one block size ``d``: the cached-basis step for every kernel, after
-    decomposing the kernels that are due (the warm-up) or checked and drifted, shared among the ranks."""
+    decomposing the kernels that are due (the warm-up) or checked and drifted, shared among the ranks.
+
+    Eager, the rotations ``[g, m]^T Q`` run before the decompositions and ``m^T Q`` again for the kernels decomposed;
+    ``compiled``, the moments' update and the cached-basis step of every tensor are one compiled call each
+    (``compiled_step``), and the decompositions run between them.
+    """
+    if compiled:
+        _compiled_fast_step(kernels, workspace, distributor)
+        return
     d = math.prod(kernels[0].p.shape[2:])
     with record_function("adacov::covariance_update"):
         for k in kernels:
@@ -431,10 +454,7 @@ def _fast_step(kernels: list[Kernel], workspace: EighWorkspace, distributor: Dis
     due = [_due_range(k) for k in kernels]
     with record_function("adacov::cached_basis_step"):
         rotated = [None if span is None else _track_rotated(k, d) for k, span in zip(kernels, due)]
-    with record_function("adacov::drift_check"):
-        chosen = [torch.arange(k.p.shape[0] * k.p.shape[1], device=k.p.device) if span is None else _drifted(k, *span)
-                  for k, span in zip(kernels, due)]  # fmt: skip
-    _refresh(kernels, chosen, workspace, distributor)
+    chosen = _decompose_due(kernels, due, workspace, distributor)
     with record_function("adacov::cached_basis_step"):
         for k, rot, picked in zip(kernels, rotated, chosen):
             Q = k.state[BASIS]
@@ -448,11 +468,60 @@ def _fast_step(kernels: list[Kernel], workspace: EighWorkspace, distributor: Dis
             _apply(k, _cached_direction(k, Q, m_rot))
 
 
+def _compiled_fast_step(kernels: list[Kernel], workspace: EighWorkspace, distributor: Distributor) -> None:
+    """``_fast_step`` with ``compiled_step``'s two functions; ``lambda_C`` of the kernels decomposed in this step
+    stays as their decomposition set it. A parameter that is not contiguous steps as a contiguous copy."""
+    d = math.prod(kernels[0].p.shape[2:])
+    grads = [k.grad.reshape(-1, d) for k in kernels]
+    like = dict(dtype=kernels[0].p.dtype, device=kernels[0].p.device)
+    with record_function("adacov::covariance_update"):
+        scales = [float(k.state[EXP_COV_SCALE]) * k.group["betas"][1] for k in kernels]
+        weights = [[1.0 - k.group["betas"][0], (1.0 - k.group["betas"][1]) / c] for k, c in zip(kernels, scales)]
+        compiled(moment_updates, grads, [k.state[EXP_AVG].view(-1, d) for k in kernels],
+                 [k.state[EXP_COV_FOLDED] for k in kernels], torch.tensor(weights, **like))  # fmt: skip
+        for k, scale in zip(kernels, scales):
+            _store_scale(k.state, scale)
+    due = [_due_range(k) for k in kernels]
+    chosen = _decompose_due(kernels, due, workspace, distributor)
+    with record_function("adacov::cached_basis_step"):
+        fresh, scalars = [], []
+        for k, span, picked in zip(kernels, due, chosen):
+            is_fresh = torch.full((k.state[BASIS].shape[0], 1), span is None, dtype=torch.bool, device=k.p.device)
+            fresh.append(is_fresh.index_fill_(0, picked, True))
+            (beta1, beta2), t, lr, s = k.group["betas"], int(k.state[STEP].item()), lr_value(k.group), _scale(k)
+            scalars.append([beta2, s * _bias_correction(k), 1.0 - s, k.group["cov_eps"] ** 2, lr / (1.0 - beta1**t),
+                            1.0 - lr * k.group["weight_decay"]])  # fmt: skip
+        params = [k.p.contiguous() for k in kernels]
+        compiled(cached_basis_steps, [p.view(-1, d) for p in params], grads,
+                 [k.state[EXP_AVG].view(-1, d) for k in kernels], [k.state[BASIS] for k in kernels],
+                 [k.state[BASIS_EIG_COV] for k in kernels], [k.state[BASIS_EIG_DIAG] for k in kernels], fresh,
+                 torch.tensor(scalars, **like))  # fmt: skip
+        for k, p in zip(kernels, params):
+            if p is not k.p:
+                k.p.copy_(p)
+
+
+def _decompose_due(kernels: list[Kernel], due: list[tuple[int, int] | None], workspace: EighWorkspace,
+                   distributor: Distributor) -> list[Tensor]:  # fmt: skip
+    """Decompose every kernel of the tensors in their warm-up (``None``) and the drifted ones of each due range;
+    returns the indices decomposed, per tensor."""
+    with record_function("adacov::drift_check"):
+        chosen = [torch.arange(k.p.shape[0] * k.p.shape[1], device=k.p.device) if span is None else _drifted(k, *span)
+                  for k, span in zip(kernels, due)]  # fmt: skip
+    _refresh(kernels, chosen, workspace, distributor)
+    return chosen
+
+
 def _update_folded(state: dict[str, Tensor], g: Tensor, beta2: float) -> None:
     """``C <- beta2 C + (1 - beta2) g g^T`` for ``C = c F``: ``c <- beta2 c``, ``F <- F + (1 - beta2) / c g g^T``;
     ``c`` multiplies into ``F`` once it falls below ``_SMALLEST_SCALE``."""
     scale = float(state[EXP_COV_SCALE]) * beta2
     add_folded_outer(state[EXP_COV_FOLDED], g, (1.0 - beta2) / scale)
+    _store_scale(state, scale)
+
+
+def _store_scale(state: dict[str, Tensor], scale: float) -> None:
+    """Keep ``c`` as the state's scale, or multiply it into ``F`` once it falls below ``_SMALLEST_SCALE``."""
     if scale < _SMALLEST_SCALE:
         state[EXP_COV_FOLDED].mul_(scale)
         scale = 1.0
