@@ -42,11 +42,11 @@ test: install ## run the test suite on CPU
 	$(PY) -m pytest
 
 BENCH_OPTIMIZERS := adam adacov adacov_fast adacov_fast_compiled adacov_fast_t10 adacov_fast_t10_drift adacov_fast_t5_drift eadam mbf kfac ekfac tkfac tekfac soap shampoo kron adahessian sophia
-# The Fashion-MNIST comparison's first 12 optimizers at its net's widths, one thread as its runs have, interleaved in one
+# The Fashion-MNIST comparison's optimizers at its net's widths, one thread as its runs have, interleaved in one
 # process: the comparison's step time vs Adam (plot_curves.py --bench) comes from this CSV.
 FASHION_BENCH_CSV := results/optimizer_step_fashion_mnist_cpu.csv
 FASHION_BENCH = OMP_NUM_THREADS=1 $(PY) benchmarks/optimizer_step.py --optimizers adam adacov adacov_fast adacov_fast_t5_drift mbf eadam kfac ekfac \
-	tkfac tekfac soap shampoo kron --widths 16 16 32 32 64 64 --in-channels 1 --classes 10 --ddp-ranks \
+	tkfac tekfac soap shampoo kron whitening whitening_recursive sgd seng kld_wrm_so kld_wrm_q rs_kfac sre_kfac b_kfac b_r_kfac b_kfac_c --widths 16 16 32 32 64 64 --in-channels 1 --classes 10 --ddp-ranks \
 	--out results/optimizer_step_fashion_mnist_cpu.md --csv $(FASHION_BENCH_CSV)
 
 # Each CPU class in turn: torch's vectorized kernels (ATen), MKL's BLAS/LAPACK and oneDNN's convolutions

@@ -56,6 +56,18 @@ SETTINGS: dict[str, dict] = {  # each optimizer's settings here; its class and p
     "kron": dict(lr=1e-3),
     "adahessian": dict(lr=0.15),
     "sophia": dict(lr=0.06, update_period=10),
+    "sgd": dict(lr=1e-1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    # Issue 24's methods and the whitening of issue 25, as their configs set them (docs/kfac.md, docs/whitening.md).
+    "rs_kfac": dict(_KRONECKER),
+    "sre_kfac": dict(_KRONECKER),
+    "b_kfac": dict(_KRONECKER),
+    "b_r_kfac": dict(_KRONECKER, brand_refresh_every=5),
+    "b_kfac_c": dict(_KRONECKER, brand_correction=0.2),
+    "kld_wrm_so": dict(_KRONECKER, damping=1e-3, form="so"),
+    "kld_wrm_q": dict(_KRONECKER, damping=1e-3, form="q"),
+    "seng": dict(lr=1e-4, damping=1e-3, update_freq=1, kl_clip=1e-3),
+    "whitening": dict(lr=3e-3, curvature_every=10, inverse_every=10),
+    "whitening_recursive": dict(lr=1e-1, curvature_every=10, inverse_every=1, recursive=True),
 }
 # Fast AdaCov's other refresh rules, timed beside its default in the same run (issue 23 picks the default by this
 # cost and by the direction quality of fast_adacov_direction.py): the settings over adacov_fast's.
