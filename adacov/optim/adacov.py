@@ -130,10 +130,10 @@ class AdaCov(BaseOptimizer):
             (default 0: every checked kernel, so each basis is renewed every ``T`` steps; 0.2 skips most
             bases that stayed put, at the price of the check).
         maximize: maximize the objective instead of minimizing it (default False).
-        compile_step: run fast mode's cached-basis step as one function compiled by ``torch.compile``
-            (``adacov.optim.compiled_step``; default False). The same step up to float rounding, fused into loops
-            over the kernels; the first steps of each block size compile it. Needs a C++ compiler on the CPU.
-            Exact mode has no cached step and ignores it.
+        compile_step: run fast mode's update of m and C and its cached-basis step as two functions compiled by
+            ``torch.compile`` (``adacov.optim.compiled_step``; default False). The same step up to float rounding,
+            fused into loops over the kernels; the first step of each block size compiles them. Needs a C++
+            compiler on the CPU. Exact mode has no cached step and ignores it.
         shard_decompositions: share the decompositions among the ranks of an initialized process group
             with more than one rank (default True). Turn it off when the ranks' gradients differ (no DDP).
 
@@ -228,9 +228,9 @@ class AdaCov(BaseOptimizer):
                     diagonal.append((p, step_grad(p, group), state, eps))
             if diagonal:
                 _diagonal_step(group, diagonal)
-        for (fast, *_, shared, compiled), jobs in kernels.items():
+        for (fast, *_, shared, compile_step), jobs in kernels.items():
             if fast:
-                _fast_step(jobs, self._workspace, Distributor(shared), compiled)
+                _fast_step(jobs, self._workspace, Distributor(shared), compile_step)
             else:
                 _exact_step(jobs, self._workspace, Distributor(shared))
         return loss
@@ -435,15 +435,15 @@ def _blended(state: dict[str, Tensor], rows: Tensor | slice, s: float, out: Tens
     return out
 
 
-def _fast_step(kernels: list[Kernel], workspace: EighWorkspace, distributor: Distributor, compiled: bool) -> None:
+def _fast_step(kernels: list[Kernel], workspace: EighWorkspace, distributor: Distributor, compile_step: bool) -> None:
     """Fast mode for tensors sharing one block size ``d``: the cached-basis step for every kernel, after
     decomposing the kernels that are due (the warm-up) or checked and drifted, shared among the ranks.
 
     Eager, the rotations ``[g, m]^T Q`` run before the decompositions and ``m^T Q`` again for the kernels decomposed;
-    ``compiled``, the moments' update and the cached-basis step of every tensor are one compiled call each
+    with ``compile_step``, the moments' update and the cached-basis step of every tensor are one compiled call each
     (``compiled_step``), and the decompositions run between them.
     """
-    if compiled:
+    if compile_step:
         _compiled_fast_step(kernels, workspace, distributor)
         return
     d = math.prod(kernels[0].p.shape[2:])
