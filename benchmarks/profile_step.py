@@ -2,9 +2,10 @@
 step against its memory-bandwidth floor.
 
 On the paper-width 6-conv net (CPU), with the gradients of one batch: exact AdaCov's step, and fast AdaCov's step
-after its first (``basis_refresh_warmup=0``, the registry's refresh settings otherwise): the cached-basis step of
-every kernel, the drift check of the kernels whose turn it is, and the decomposition of those that drifted. Of 3
-profiled steps, the one with the median whole-step time is reported. Each region's time includes the operators
+after its first (``basis_refresh_warmup=0``, the registry's refresh settings otherwise; with ``--compile`` also with
+``compile_step=True``): the cached-basis step of every kernel, the drift check of the kernels whose turn it is,
+and the decomposition of those that drifted. Of 3 profiled steps, the one with the median whole-step time is
+reported. Each region's time includes the operators
 inside it; the rest of the step (the Adam rule for biases and the linear layer, bookkeeping) is the remainder.
 
 The floor: the bytes the cached step must read and write (gradient, m, folded C, Q, lambda_C and lambda_D of every
@@ -136,6 +137,12 @@ def profile_kernel_size(kernel_size: int, batch: int, compiled: bool = False) ->
     for _ in range(2):
         fast.step()
     found["fast"] = profiled_ms(fast)
+    if compiled:
+        fast_compiled = AdaCov(model.parameters(), compile_step=True,
+                               **{**OPTIMIZERS["adacov_fast"].kwargs, "basis_refresh_warmup": 0})  # fmt: skip
+        for _ in range(2):
+            fast_compiled.step()  # the first compiles
+        found["fast, compiled"] = profiled_ms(fast_compiled)
     cached = AdaCov(model.parameters(), **{**OPTIMIZERS["adacov_fast"].kwargs, "basis_refresh_warmup": 0, "basis_refresh_every": 10**9})
     cached.step()
     nbytes = cached_step_bytes(model)

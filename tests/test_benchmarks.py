@@ -39,7 +39,7 @@ def test_packed_covariance_matches_the_full_blocks():
         ("optimizer_step.py", ["--kernel-sizes", "3", "--rounds", "1", "--warmup", "0", "--batch", "4", "--widths", "4", "4", "4", "4",
                                "4", "4", "--in-channels", "1", "--classes", "10", "--ddp-rounds", "1"], "| 3x3 | adacov | 2 |"),
         ("covariance_storage.py", ["--kernel-sizes", "3", "--rounds", "1", "--batch", "4"], "| 3x3 | fast |"),
-        ("profile_step.py", ["--kernel-sizes", "3", "--batch", "4", "--compile"], "| 3x3 | fast |"),
+        ("profile_step.py", ["--kernel-sizes", "3", "--batch", "4", "--compile"], "| 3x3 | fast, compiled |"),
         ("fast_adacov_direction.py", ["--kernel-sizes", "3", "--epochs", "2", "--steps-per-epoch", "3", "--batch", "4",
                                       "--channels", "4", "4", "4", "4", "4", "4"], "| 3x3 | staggered, T=10, QR refresh (SOAP) |"),
         ("kfac_cost.py", ["--kernel-sizes", "3", "--variants", "tekfac", "--rounds", "1", "--batch", "2"], "| 3x3 | tekfac |"),
