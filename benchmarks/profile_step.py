@@ -37,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from adacov import AdaCov
 from adacov.optim.adacov import BASIS, EXP_AVG
-from adacov.optim.compiled_step import SIMD_BITS, has_cxx_compiler
+from adacov.optim.compiled_step import cpu_vector_width, has_cxx_compiler
 from adacov.optim.matrix_functions import folded_width
 from adacov.optim.registry import OPTIMIZERS
 from bench_report import machine_description, publish
@@ -116,8 +116,7 @@ def rotation_ms(optimizer: AdaCov, compiled: bool) -> dict[str, float]:
         "Q MB": Q.numel() * Q.element_size() / 2**20,
     }
     if compiled:
-        simd_bits = SIMD_BITS.get(torch.backends.cpu.get_cpu_capability())
-        with torch._inductor.config.patch({} if simd_bits is None else {"cpp.simdlen": simd_bits}):
+        with cpu_vector_width():
             fused, eager = torch.compile(rotate_reduced, dynamic=False), rotate(gm, Q)
             torch.testing.assert_close(fused(gm, Q), eager, rtol=1e-4, atol=1e-6 * float(eager.abs().max()))
             found["compiled"] = 1e3 * median_seconds(lambda: fused(gm, Q))

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import AbstractContextManager
 from functools import cache
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["SIMD_BITS", "cached_basis_steps", "has_cxx_compiler", "moment_updates", "compiled"]
+from adacov.optim.matrix_functions import folded_partners
+
+__all__ = ["cached_basis_steps", "compiled", "cpu_vector_width", "has_cxx_compiler", "moment_updates"]
 
 # ATen's CPU capability -> inductor's cpp.simdlen. Inductor writes vector code for the CPU it detects; with ATen
 # held to narrower kernels (ATEN_CPU_CAPABILITY) that code fails to build or computes wrong sums, so its vector
@@ -47,9 +50,7 @@ def moment_updates(grads: list[Tensor], exp_avgs: list[Tensor], folded: list[Ten
     ``[1 - beta1, w]``.
     """
     for g, m, F, (weight_m, weight_f) in zip(grads, exp_avgs, folded, k):
-        d = g.shape[-1]
-        shifted = torch.cat([g, g[:, : F.shape[1] - 1]], 1).unfold(1, d, 1)
-        F.copy_(F + weight_f * g.unsqueeze(1) * shifted)
+        F.copy_(F + weight_f * g.unsqueeze(1) * folded_partners(g, F.shape[1]))
         m.copy_(m + weight_m * (g - m))
 
 
@@ -84,9 +85,15 @@ def _compiled(fn: Callable[..., None]) -> Callable[..., None]:
     return torch.compile(fn, options=OPTIONS.get(fn.__name__))
 
 
+def cpu_vector_width() -> AbstractContextManager:
+    """Inductor's config with the vector width of its CPU code following ATen's (``SIMD_BITS``), for compiling
+    and calling a compiled function."""
+    simd_bits = SIMD_BITS.get(torch.backends.cpu.get_cpu_capability())
+    return torch._inductor.config.patch({} if simd_bits is None else {"cpp.simdlen": simd_bits})
+
+
 def compiled(fn: Callable[..., None], *args: list[Tensor] | Tensor) -> None:
     """``fn(*args)`` compiled by ``torch.compile``: at its first call per set of shapes, dtype and device; the
     numbers of kernels become dynamic when they change."""
-    simd_bits = SIMD_BITS.get(torch.backends.cpu.get_cpu_capability())
-    with torch._inductor.config.patch({} if simd_bits is None else {"cpp.simdlen": simd_bits}):
+    with cpu_vector_width():
         _compiled(fn)(*args)

@@ -194,16 +194,20 @@ def unfold_symmetric(F: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+def folded_partners(g: Tensor, rows: int) -> Tensor:
+    """``[B, rows, d]``, row ``k`` holding ``g_((i + k) mod d)`` at ``i``: the partner of each ``g_i`` on folded
+    diagonal ``k``, as one unfolded view of ``[g, g[:rows - 1]]`` for ``g`` ``[B, d]``."""
+    return torch.cat([g, g[:, : rows - 1]], 1).unfold(1, g.shape[-1], 1)
+
+
 def add_folded_outer(F: Tensor, g: Tensor, weight: float) -> None:
     """``C <- C + weight g g^T`` on folded blocks ``F`` ``[B, d // 2 + 1, d]``, for ``g`` ``[B, d]``.
 
-    Diagonal ``k`` gains ``weight g_i g_((i + k) mod d)``; the shifted copies are one unfolded view of
-    ``[g, g[:d // 2]]``, so the update is one broadcast multiply-add over half the entries of the full blocks,
-    contiguous along ``i``, with no ``[B, d, d]`` temporary.
+    Diagonal ``k`` gains ``weight g_i g_((i + k) mod d)``; the shifted copies are ``folded_partners``, so the
+    update is one broadcast multiply-add over half the entries of the full blocks, contiguous along ``i``, with
+    no ``[B, d, d]`` temporary.
     """
-    d = g.shape[-1]
-    shifted = torch.cat([g, g[:, : F.shape[1] - 1]], 1).unfold(1, d, 1)
-    F.addcmul_(g.unsqueeze(1), shifted, value=weight)
+    F.addcmul_(g.unsqueeze(1), folded_partners(g, F.shape[1]), value=weight)
 
 
 def offdiagonal_mass(A: Tensor, scale: float, shift: float) -> Tensor:
