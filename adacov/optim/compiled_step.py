@@ -4,7 +4,7 @@ In eager mode the cached-basis step runs as about ten passes over every kernel (
 kernel, which are bound by their per-block overhead, and the elementwise estimates, root and update between them),
 and the folded covariance update as a broadcast over a strided view. Inductor fuses each function below into loops
 over the kernels that keep a block in registers and cache; each takes every tensor of one block size, so that a
-step makes two compiled calls per block size (a call costs about 0.3 ms of guards and wrappers on this CPU).
+step makes two compiled calls per block size, each with its guards and wrappers.
 
 The rotation ``Q^T g`` is written as a sum over the rows of ``Q``: as a reduction over the middle, non-contiguous
 dimension, inductor (torch 2.13, CPU, 2+ threads) opens an OpenMP region per kernel and row, which made it over
