@@ -204,7 +204,8 @@ def _goal(found: float, goal: float, unit: str = "%") -> str:
     target = f"+{scaled[1]:.0f} %" if unit == "%" else f"{scaled[1]:.1f}x"
     if found <= goal:
         return f"{shown} (goal <= {target}: met)"
-    return f"{shown} (goal <= {target}: NOT met, {scaled[0] - scaled[1]:.1f}{' points' if unit == '%' else 'x'} over)"
+    over = f"{scaled[0] - scaled[1]:.1f} points" if unit == "%" else f"{scaled[0] - scaled[1]:.2f}x"
+    return f"{shown} (goal <= {target}: NOT met, {over} over)"
 
 
 def report(results: dict[int, dict[str, tuple]], ddp: dict[int, dict], args: argparse.Namespace, device: torch.device) -> str:

@@ -115,3 +115,23 @@ def test_decompositions_flush_subnormals_in_their_own_threads_only():
     _, Q = symmetric_eigh(tiny)
     assert bool(Q.abs().eq(Q.abs().round()).all()) and bool(Q.abs().sum(-1).eq(1).all())
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
+
+
+@pytest.mark.parametrize(("blocks", "d", "parts"), [(637, 25, 2), (637, 9, 2), (128, 9, 2), (100, 9, 1), (8, 25, 2), (4, 25, 1)])
+def test_a_batch_is_split_over_the_threads_where_each_part_holds_enough_work(monkeypatch, blocks, d, parts):
+    """Fast AdaCov's refresh (a fiftieth of the paper-width net's kernels) runs on both cores; a batch too small to
+    pay for a second thread stays on one. Every block is decomposed, once."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    A = _spd(blocks, d, dtype=torch.float32)
+    sizes = []
+    real = torch.linalg.eigh
+
+    def recording(A, *args, **kwargs):
+        sizes.append(A.shape[0])
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", recording)
+    w, Q = symmetric_eigh(A)
+    assert len(sizes) == parts and sum(sizes) == blocks
+    torch.testing.assert_close(w, torch.linalg.eigvalsh(A.double()).float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(Q @ torch.diag_embed(w) @ Q.mT, A, rtol=1e-4, atol=1e-4)

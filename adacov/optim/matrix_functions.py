@@ -24,8 +24,10 @@ __all__ = [
     "offdiagonal_mass",
 ]
 
-# Below this many blocks a thread pool costs more than it saves.
-_MIN_BLOCKS_PER_THREAD = 512
+# A thread takes a part of a batch only if the part holds this much work, d^3 summed over its blocks: 64 blocks of
+# 9x9, 4 of 25x25. Below about that, handing a part to a second thread costs as much as it saves; above it, the
+# parts run side by side (fast AdaCov refreshes a fiftieth of its kernels per step: 637 blocks at the paper's widths).
+_MIN_WORK_PER_THREAD = 64 * 9**3
 # A batch that LAPACK fails to decompose is retried in this many parts, down to parts this small,
 # which are decomposed in float64 (_eigh_or_split).
 _RETRY_PARTS = 8
@@ -64,7 +66,7 @@ def _batched_in_threads(fn, A: Tensor, out: tuple[Tensor, ...]) -> None:
         fn(A, out=out)
         return
     workers = torch.get_num_threads()
-    chunks = max(1, min(workers, A.shape[0] // _MIN_BLOCKS_PER_THREAD))
+    chunks = max(1, min(workers, A.shape[0] * A.shape[-1] ** 3 // _MIN_WORK_PER_THREAD))
     parts = zip(A.chunk(chunks), *(o.chunk(chunks) for o in out))
     futures = [_pool(workers).submit(fn, a, out=tuple(o)) for a, *o in parts]
     for future in futures:
