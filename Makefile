@@ -119,7 +119,7 @@ ifeq ($(DATA),fashion_mnist)
 	$(MAKE) --no-print-directory data DATA=fashion_mnist
 	$(if $(filter true,$(RESUME)),,rm -rf $(FASHION_TUNE)/runs)
 	$(FASHION_SWEEP) experiment=tune_fashion_mnist
-	while ext="$$($(PY) tune_report.py $(FASHION_TUNE)/runs --out $(FASHION_TUNE) --extensions)" && [ -n "$$ext" ]; do \
+	while ext="$$($(PY) tune_report.py $(FASHION_TUNE)/runs --out $(FASHION_TUNE) --extensions --classes 10)" && [ -n "$$ext" ]; do \
 		echo "$$ext" | while read -r args; do $(FASHION_SWEEP) experiment=tune_fashion_mnist $$args </dev/null || exit 1; done || exit 1; \
 	done
 	$(PY) tune_report.py $(FASHION_TUNE)/runs --out $(FASHION_TUNE)

@@ -5,12 +5,14 @@
 Writes tune.md (every grid point's mean final train loss, the best lr per optimizer and kernel size),
 tune.csv (one row per run), best_lr.csv, tune.png, and prints the ``tuned:`` block for each
 configs/optimizer/<name>.yaml. With ``--extensions`` it prints only the Hydra overrides that add a grid
-point beyond each best lr on an edge (sweeps placed by ``lr_step``; make tune DATA=fashion_mnist runs them).
+point beyond each best lr on an edge, or below a grid where nothing trained (``--classes``; sweeps placed by
+``lr_step``; make tune DATA=fashion_mnist runs them).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -31,13 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs_dir", type=Path, help="the directory experiment=tune wrote its runs into")
     parser.add_argument("--out", type=Path, required=True, help="where the report goes")
     parser.add_argument("--extensions", action="store_true", help="print the overrides that extend edge grids, and nothing else")
+    parser.add_argument("--classes", type=int, help="with --extensions: the task's classes; a grid whose best loss is "
+                        "still at or above ln(classes), a uniform prediction's, extends downwards")
     args = parser.parse_args(argv)
+    if args.classes is not None and args.classes < 2:
+        parser.error(f"--classes {args.classes}: a classification task has at least 2 classes")
     with exit_on_run_error():
         trials = load_trials(args.runs_dir)
         summary = summarize(trials)
         best = best_learning_rates(summary)
         if args.extensions:
-            print("\n".join(edge_extensions(trials, best)))
+            untrained = math.log(args.classes) if args.classes else math.inf
+            print("\n".join(edge_extensions(trials, best, untrained_loss=untrained)))
             return 0
         args.out.mkdir(parents=True, exist_ok=True)
         trials.sort_values(["optimizer", "k", "lr", "seed"]).to_csv(args.out / "tune.csv", index=False)

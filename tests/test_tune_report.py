@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 
 import tune_report
-from adacov.report.tuning import COLUMNS, best_learning_rates, config_snippets, edge_extensions, summarize
+from adacov.report.tuning import COLUMNS, best_learning_rates, config_snippets, edge_extensions, load_trials, summarize
 from tests.conftest import run_cli
 
 
@@ -33,6 +34,27 @@ def test_edge_bests_get_one_more_point_beyond_their_edge_grouped_into_multiruns(
         "optimizer=adam model.kernel_size=5 lr_step=2",
     ]
     assert "optimizer=kron model.kernel_size=3 lr_step=-3" not in edge_extensions(trials, best, max_step=2)
+
+
+def test_a_grid_where_nothing_trained_extends_downwards_even_from_an_upper_or_inner_best():
+    """Losses above ln(10) (a uniform prediction's on 10 classes) at every lr: the lowest is no pick to extend from."""
+    rows = [("kld_wrm_so", 3, 3e-3 * 3.0**step, 0, loss, 0.2, False, step) for step, loss in zip((-1, 0, 1), (3.8e4, 9.4e4, 2.2e4))]
+    rows += [("kld_wrm_q", 3, 3e-3 * 3.0**step, 0, loss, 0.2, False, step) for step, loss in zip((-1, 0, 1, 2), (50.0, 9.0, 2.4, 7.0))]
+    rows += [("adam", 3, 1e-3 * 3.0**step, 0, loss, 0.9, False, step) for step, loss in zip((-1, 0, 1), (0.5, 0.4, 0.3))]
+    trials = _trials(rows)
+    best = best_learning_rates(summarize(trials))
+    assert edge_extensions(trials, best) == ["optimizer=adam,kld_wrm_so model.kernel_size=3 lr_step=2"]
+    assert edge_extensions(trials, best, untrained_loss=math.log(10)) == [
+        "optimizer=kld_wrm_q,kld_wrm_so model.kernel_size=3 lr_step=-2",
+        "optimizer=adam model.kernel_size=3 lr_step=2",
+    ]
+
+
+def test_tune_report_refuses_fewer_than_two_classes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        tune_report.main([str(tmp_path), "--out", str(tmp_path), "--extensions", "--classes", "1"])
+    assert stop.value.code == 2
+    assert "--classes 1: a classification task has at least 2 classes" in capsys.readouterr().err
 
 
 def test_best_lr_has_the_lowest_mean_and_a_diverged_seed_disqualifies():
@@ -68,3 +90,16 @@ def test_tune_sweep_goes_on_past_a_diverging_lr_and_the_report_picks_the_best(tm
     assert (best.best_lr == 0.003).all() and (best.mean_train_loss.round(12) == expected.round(12)).all()
     assert "lr: {3: 3.0e-3}" in capsys.readouterr().out
     assert (tmp_path / "out" / "tune.png").is_file() and "diverged" in (tmp_path / "out" / "tune.md").read_text()
+
+    # Runs under way are left out, to be planned again and resumed: one checkpointed after its first epoch, one
+    # stopped before any; a diverged run stays in, also with a checkpoint beside its record.
+    resumable, unstarted = sorted(sweep.glob("adam_*_lr0.003_*"))
+    diverged = next(run for run in sweep.glob("adam_*") if (run / "diverged.txt").is_file())
+    epochs = pd.read_csv(resumable / "epochs.csv")
+    epochs.iloc[:1].to_csv(resumable / "epochs.csv", index=False)
+    epochs.iloc[:0].to_csv(unstarted / "epochs.csv", index=False)
+    for run in (resumable, diverged):
+        (run / "checkpoint.pt").write_bytes(b"")
+    trials = load_trials(sweep)
+    assert len(trials) == 6 and trials.diverged.sum() == 4
+    assert not ((trials.optimizer == "adam") & (trials.lr == 0.003)).any()

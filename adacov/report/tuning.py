@@ -14,18 +14,24 @@ import pandas as pd  # noqa: E402
 
 from adacov.errors import UserError  # noqa: E402
 from adacov.report.figure import NAMES, _ordered  # noqa: E402
-from adacov.training.run_logger import ENVIRONMENT, EPOCHS  # noqa: E402
+from adacov.training.checkpoint import CHECKPOINT  # noqa: E402
+from adacov.training.run_logger import DIVERGED, ENVIRONMENT, EPOCHS  # noqa: E402
 
 COLUMNS = ["optimizer", "k", "lr", "seed", "final_train_loss", "final_test_acc", "diverged", "lr_step"]
 
 NOTES = """\
 Each cell is the mean final-epoch train loss over the seeds at that learning rate. A run that stopped at a
-non-finite loss, or logged fewer epochs than it was given, counts as an infinite loss (its mean is inf). The
+non-finite loss, or logged fewer epochs than it was given, counts as an infinite loss (its mean is inf); a run
+still under way (a checkpoint to resume from, or no epoch and no divergence logged yet) is left out. The
 best lr has the lowest mean; "edge" marks a best lr at the end of its grid, where a wider grid might do better."""
 
 
 def load_trials(root: Path) -> pd.DataFrame:
-    """One row per run below ``root``: optimizer, kernel size, lr, seed, final train loss and test accuracy."""
+    """One row per run below ``root``: optimizer, kernel size, lr, seed, final train loss and test accuracy.
+
+    A run still under way is left out, so that a sweep stopped part way plans it again and ``resume=true``
+    finishes it: one that holds a checkpoint short of its epochs, or that logged neither an epoch nor its
+    divergence (stopped before its first checkpoint)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"runs directory {root} does not exist: pass the directory experiment=tune wrote into")
@@ -35,6 +41,9 @@ def load_trials(root: Path) -> pd.DataFrame:
         epochs_file = env_file.parent / EPOCHS
         epochs = pd.read_csv(epochs_file) if epochs_file.is_file() else pd.DataFrame(columns=["train_loss", "test_acc"])
         finished = len(epochs) == int(info["epochs"]) and math.isfinite(float(epochs.train_loss.iloc[-1]))
+        run = env_file.parent
+        if not finished and not (run / DIVERGED).is_file() and ((run / CHECKPOINT).is_file() or epochs.empty):
+            continue
         rows.append({
             "optimizer": info["optimizer"],
             "k": int(info["kernel_size"]),
@@ -77,22 +86,26 @@ def best_learning_rates(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def edge_extensions(trials: pd.DataFrame, best: pd.DataFrame, max_step: int = 3) -> list[str]:
+def edge_extensions(trials: pd.DataFrame, best: pd.DataFrame, max_step: int = 3, untrained_loss: float = math.inf) -> list[str]:
     """Hydra overrides for one more grid point beyond every best lr that lies on an edge of its grid.
 
     For sweeps that place their grid by ``lr_step`` (half-decades from a centre, experiment=tune_fashion_mnist):
     one line per kernel size and new step, ``optimizer=a,b model.kernel_size=k lr_step=s``, so that each line
-    is one multirun. A grid where every lr diverged is extended downwards. No step goes beyond ``max_step``
-    half-decades from the centre, so that a loop that extends until nothing is left ends, also when resumed.
+    is one multirun. A grid where every lr diverged, or whose best mean loss is still at or above
+    ``untrained_loss`` (a uniform prediction's, ``ln(classes)``: no lr of the grid trained), is extended
+    downwards. No step goes beyond ``max_step`` half-decades from the centre, so that a loop that extends until
+    nothing is left ends, also when resumed.
     """
     groups: dict[tuple[int, int], list[str]] = {}
     for pick in best.itertuples():
         steps = trials[(trials.optimizer == pick.optimizer) & (trials.k == pick.k)].dropna(subset=["lr_step"])
-        if steps.empty or not (pick.edge or math.isnan(pick.best_lr)):
+        untrained = pick.mean_train_loss >= untrained_loss
+        if steps.empty or not (pick.edge or untrained or math.isnan(pick.best_lr)):
             continue
         at_best = steps[steps.lr == pick.best_lr].lr_step
         low, high = int(steps.lr_step.min()), int(steps.lr_step.max())
-        step = high + 1 if len(at_best) and int(at_best.iloc[0]) == high and high != low else low - 1
+        upwards = not untrained and len(at_best) and int(at_best.iloc[0]) == high and high != low
+        step = high + 1 if upwards else low - 1
         if abs(step) <= max_step:
             groups.setdefault((int(pick.k), step), []).append(pick.optimizer)
     return [f"optimizer={','.join(names)} model.kernel_size={k} lr_step={step}" for (k, step), names in sorted(groups.items())]
