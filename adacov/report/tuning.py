@@ -38,10 +38,9 @@ def load_trials(root: Path) -> pd.DataFrame:
     rows = []
     for env_file in sorted(root.rglob(ENVIRONMENT)):
         info = json.loads(env_file.read_text())
-        epochs_file = env_file.parent / EPOCHS
-        epochs = pd.read_csv(epochs_file) if epochs_file.is_file() else pd.DataFrame(columns=["train_loss", "test_acc"])
-        finished = len(epochs) == int(info["epochs"]) and math.isfinite(float(epochs.train_loss.iloc[-1]))
         run = env_file.parent
+        epochs = pd.read_csv(run / EPOCHS) if (run / EPOCHS).is_file() else pd.DataFrame(columns=["train_loss", "test_acc"])
+        finished = len(epochs) == int(info["epochs"]) and math.isfinite(float(epochs.train_loss.iloc[-1]))
         if not finished and not (run / DIVERGED).is_file() and ((run / CHECKPOINT).is_file() or epochs.empty):
             continue
         rows.append({
