@@ -37,13 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--images", type=int, default=2048, help="training images the sharpness is measured on (default 2048)"
     )
+    parser.add_argument(
+        "--classes", type=int, default=10, help="the task's classes (default 10, the digits' and Fashion-MNIST's): "
+        "a batch size whose best final loss is near ln(classes), a uniform prediction's, trained at no lr"
+    )
     args = parser.parse_args(argv)
+    if args.classes < 2:
+        parser.error(f"--classes {args.classes}: a classification task has at least 2 classes")
     with exit_on_run_error():
-        runs = load_runs(args.runs_dir)
+        runs = load_runs(args.runs_dir, args.classes)
         if args.measure:
             measured = measure_missing(runs, args.images)
             print(f"measured the sharpness of {len(measured)} runs")
-            runs = load_runs(args.runs_dir)
+            runs = load_runs(args.runs_dir, args.classes)
         args.out.mkdir(parents=True, exist_ok=True)
         runs.drop(columns=["path"]).to_csv(args.out / "runs.csv", index=False)
         batch = batch_table(runs)

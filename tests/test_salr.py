@@ -4,6 +4,7 @@ and a run that resumes mid-epoch exactly."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import statistics
 
@@ -253,6 +254,20 @@ def test_salr_resumes_mid_epoch_exactly_and_logs_its_history(tmp_path, monkeypat
     b = torch.load(resumed / "checkpoint.pt", weights_only=False)
     assert a["salr"] == b["salr"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert b["optimizer"]["param_groups"][0]["lr"] == 0.01 * history.lr_factor.iloc[-1]
+
+
+def test_a_resumed_run_records_its_own_lr_not_the_one_salr_moved_it_to(tmp_path):
+    """After epoch 1 SALR has moved the lr (step 3's factor); the run continued to epoch 2 records lr0 in
+    environment.json, as the run that trained both epochs in one go does, while its optimizer steps on."""
+    from tests.conftest import compose_config
+    from tests.test_data_order import TINY
+
+    overrides = [*TINY, "salr.enabled=true", "optimizer=adacov", "optimizer.lr=0.01"]
+    train(compose_config(tmp_path, [*overrides, "epochs=1"]))
+    moved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["optimizer"]["param_groups"][0]["lr"]
+    assert moved != 0.01
+    train(compose_config(tmp_path, [*overrides, "epochs=2", "resume=true"]))
+    assert json.loads((tmp_path / "environment.json").read_text())["lr"] == [0.01]
 
 
 def test_resume_refuses_a_checkpoint_written_with_the_other_salr_setting(small_config):

@@ -33,19 +33,20 @@ from adacov.training.sharpness import salr_sharpness, top_hessian_eigenvalue
 
 SHARPNESS = "sharpness.json"
 ORDERS = ("rr", "so", "ig")
-FLAT = 0.1  # a batch size whose best final loss is within 10% of its highest first-epoch loss trained at no lr
+FLAT = 0.1  # a batch size whose best final loss is within 10% of ln(classes), a uniform prediction's, trained at no lr
 BATCH_NOTE = (
     "Final train loss (mean over seeds; inf: diverged) at each lr; **bold**: the grid's best; refined: the minimum "
     "of a parabola in log10(lr) through the best point and its neighbours (the grid's best where that is an edge); "
-    "flat: the best final loss within 10% of the highest first-epoch loss of the row (no lr trained), left out of "
+    "flat: the best final loss within 10% of ln(classes), a uniform prediction's loss (no lr trained), left out of "
     "the fit of alpha."
 )
 
 
-def load_runs(root: Path) -> pd.DataFrame:
+def load_runs(root: Path, classes: int) -> pd.DataFrame:
     """One row per run below ``root``: its settings, final metrics, mean epoch time and measured sharpness.
 
-    A run that stopped early or at a non-finite loss is ``diverged`` with an infinite final train loss.
+    A run that stopped early or at a non-finite loss is ``diverged`` with an infinite final train loss;
+    ``untrained_loss`` is ``ln(classes)``, the loss of a uniform prediction over the task's ``classes``.
     """
     root = Path(root)
     if not root.is_dir():
@@ -71,6 +72,7 @@ def load_runs(root: Path) -> pd.DataFrame:
             "seed": int(info["seed"]),
             "epochs": int(info["epochs"]),
             "first_epoch_loss": float(epochs.train_loss.iloc[0]) if len(epochs) else math.nan,
+            "untrained_loss": math.log(classes),
             "final_train_loss": float(epochs.train_loss.iloc[-1]) if finished else math.inf,
             "final_test_acc": float(epochs.test_acc.iloc[-1]) if finished else math.nan,
             "epoch_time_s": float(epochs.epoch_time_s.mean()) if finished else math.nan,
@@ -172,8 +174,8 @@ def _by_setting(runs: pd.DataFrame, settings: list[str], columns: list[str]) -> 
 def batch_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per optimizer and batch size (rr, no SALR): mean final train loss at each lr, the grid's best lr and
     the best lr refined by a parabola in ``log10(lr)`` through the best point and its two neighbours. ``flat``:
-    the best final loss is above ``1 - FLAT`` times the row's highest first-epoch loss (about the initial loss,
-    where some lr hardly moved), so no lr trained and the row has no best lr to speak of. At the base batch only
+    the best final loss is above ``1 - FLAT`` times ``ln(classes)``, a uniform prediction's loss, so no lr trained
+    and the row has no best lr to speak of (an lr that blew up does not move that reference). At the base batch only
     the seeds and epoch count of the other batch sizes' runs count (the other studies ran it on more seeds, maybe
     for longer)."""
     chosen = runs[(runs.data_order == "rr") & ~runs.salr]
@@ -187,7 +189,7 @@ def batch_table(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         best = int(np.argmin(losses.values))
         edge = best in (0, losses.size - 1)
-        flat = bool(losses.values[best] > (1 - FLAT) * group.first_epoch_loss.max())
+        flat = bool(losses.values[best] > (1 - FLAT) * group.untrained_loss.iloc[0])
         refined = (
             losses.index[best]
             if edge or not np.isfinite(losses.values[best - 1 : best + 2]).all()

@@ -130,6 +130,7 @@ class Trainer:
         self.lr_rule = resolve_rule(cfg.lr_scaling, self.optimizer, cfg.optimizer_name)
         self.lr_factor = lr_factor(self.lr_rule, cfg.batch_size, cfg.lr_reference_batch)
         scale_learning_rates(self.optimizer, self.lr_factor)
+        self.start_lrs = [lr_number(group["lr"]) for group in self.optimizer.param_groups]  # before a resume's SALR lr
         self.salr = SALR(self.optimizer, SALRSettings.from_config(cfg.salr)) if cfg.salr.enabled else None
         self.order = fixed_order(cfg.data_order, cfg.seed, self.data.train_x.shape[0], device)
         self.create_graph = bool(cfg.optimizer.get("create_graph", False))
@@ -300,7 +301,7 @@ class Trainer:
             "data_order": cfg.data_order,
             "lr_scaling": self.lr_rule,
             "lr_factor": self.lr_factor,
-            "lr": [lr_number(group["lr"]) for group in self.optimizer.param_groups],  # each group's lr at the start
+            "lr": self.start_lrs,  # each group's lr at the run's start
             "salr": self.salr is not None,
             "processes": self.replicas.world_size,
             "epochs": cfg.epochs,
