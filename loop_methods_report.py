@@ -45,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.classes < 2:
         parser.error(f"--classes {args.classes}: a classification task has at least 2 classes")
     with exit_on_run_error():
-        runs = load_runs(args.runs_dir, args.classes)
+        runs = load_runs(args.runs_dir)
         if args.measure:
             measured = measure_missing(runs, args.images)
             print(f"measured the sharpness of {len(measured)} runs")
-            runs = load_runs(args.runs_dir, args.classes)
+            runs = load_runs(args.runs_dir)
         args.out.mkdir(parents=True, exist_ok=True)
         runs.drop(columns=["path"]).to_csv(args.out / "runs.csv", index=False)
-        batch = batch_table(runs)
+        batch = batch_table(runs, args.classes)
         batch.drop(columns=["losses"], errors="ignore").to_csv(args.out / "batch_best_lr.csv", index=False)
         machines = ", ".join(sorted(set(runs.device))) or "unknown"
         header = (
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Runs: {len(runs)} ({int(runs.diverged.sum())} diverged) on {machines}. "
             f"Command: `python loop_methods_report.py {args.runs_dir} --out {args.out}`."
         )
-        (args.out / "loop_methods.md").write_text(report_markdown(runs, header))
-        plot_report(runs, args.out / "loop_methods")
+        (args.out / "loop_methods.md").write_text(report_markdown(runs, batch, header))
+        plot_report(runs, batch, args.out / "loop_methods")
         exponents = scaling_exponents(batch) if not batch.empty else batch
         if not exponents.empty:
             print(exponents.to_string(index=False))

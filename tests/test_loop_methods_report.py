@@ -24,14 +24,14 @@ def _grid_runs(alpha: float, optimizer: str) -> list[dict]:
         for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2):
             rows.append({
                 "optimizer": optimizer, "batch_size": batch, "lr": lr, "lr_step": 0, "data_order": "rr", "salr": False,
-                "seed": 0, "epochs": 15, "final_train_loss": 0.1 + (math.log10(lr) - best) ** 2, "untrained_loss": math.log(10), "diverged": False,
+                "seed": 0, "epochs": 15, "final_train_loss": 0.1 + (math.log10(lr) - best) ** 2, "diverged": False,
             })  # fmt: skip
     return rows
 
 
 def test_batch_analysis_recovers_linear_square_root_and_no_scaling():
     runs = pd.DataFrame(_grid_runs(1.0, "sgd") + _grid_runs(0.5, "adam") + _grid_runs(0.1, "adacov"))
-    batch = batch_table(runs)
+    batch = batch_table(runs, classes=10)
     expected = [1e-3 * (b / 32) ** a for a in (0.1, 0.5, 1.0) for b in (32, 64, 128, 256)]  # sorted by optimizer
     np.testing.assert_allclose(batch.refined_lr, expected, rtol=1e-9)
     exponents = scaling_exponents(batch).set_index("optimizer")
@@ -47,7 +47,7 @@ def test_a_batch_size_where_no_lr_trained_is_left_out_of_the_fit():
             row["final_train_loss"] = 2.25 - 0.01 * row["lr"]  # the best (2.2497) within 10% of ln(10) = 2.303
             if row["lr"] == 3e-2:
                 row["final_train_loss"] = 5.3  # an lr that blew up does not make the others look trained
-    batch = batch_table(pd.DataFrame(rows))
+    batch = batch_table(pd.DataFrame(rows), classes=10)
     assert batch.set_index("batch_size").flat.tolist() == [False, False, False, True]
     exponents = scaling_exponents(batch)
     assert exponents.alpha.iloc[0] == pytest.approx(0.5) and exponents.batch_sizes.iloc[0] == "32, 64, 128"

@@ -42,11 +42,10 @@ BATCH_NOTE = (
 )
 
 
-def load_runs(root: Path, classes: int) -> pd.DataFrame:
+def load_runs(root: Path) -> pd.DataFrame:
     """One row per run below ``root``: its settings, final metrics, mean epoch time and measured sharpness.
 
-    A run that stopped early or at a non-finite loss is ``diverged`` with an infinite final train loss;
-    ``untrained_loss`` is ``ln(classes)``, the loss of a uniform prediction over the task's ``classes``.
+    A run that stopped early or at a non-finite loss is ``diverged`` with an infinite final train loss.
     """
     root = Path(root)
     if not root.is_dir():
@@ -72,7 +71,6 @@ def load_runs(root: Path, classes: int) -> pd.DataFrame:
             "seed": int(info["seed"]),
             "epochs": int(info["epochs"]),
             "first_epoch_loss": float(epochs.train_loss.iloc[0]) if len(epochs) else math.nan,
-            "untrained_loss": math.log(classes),
             "final_train_loss": float(epochs.train_loss.iloc[-1]) if finished else math.inf,
             "final_test_acc": float(epochs.test_acc.iloc[-1]) if finished else math.nan,
             "epoch_time_s": float(epochs.epoch_time_s.mean()) if finished else math.nan,
@@ -171,10 +169,11 @@ def _by_setting(runs: pd.DataFrame, settings: list[str], columns: list[str]) -> 
     return table.sort_values(by, key=lambda c: c if is_numeric_dtype(c) else c.map(rank)).reset_index(drop=True)
 
 
-def batch_table(runs: pd.DataFrame) -> pd.DataFrame:
+def batch_table(runs: pd.DataFrame, classes: int) -> pd.DataFrame:
     """Per optimizer and batch size (rr, no SALR): mean final train loss at each lr, the grid's best lr and
     the best lr refined by a parabola in ``log10(lr)`` through the best point and its two neighbours. ``flat``:
-    the best final loss is above ``1 - FLAT`` times ``ln(classes)``, a uniform prediction's loss, so no lr trained
+    the best final loss is above ``1 - FLAT`` times ``ln(classes)``, a uniform prediction's loss over the task's
+    ``classes``, so no lr trained
     and the row has no best lr to speak of (an lr that blew up does not move that reference). At the base batch only
     the seeds and epoch count of the other batch sizes' runs count (the other studies ran it on more seeds, maybe
     for longer)."""
@@ -189,7 +188,7 @@ def batch_table(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         best = int(np.argmin(losses.values))
         edge = best in (0, losses.size - 1)
-        flat = bool(losses.values[best] > (1 - FLAT) * group.untrained_loss.iloc[0])
+        flat = bool(losses.values[best] > (1 - FLAT) * math.log(classes))
         refined = (
             losses.index[best]
             if edge or not np.isfinite(losses.values[best - 1 : best + 2]).all()
@@ -231,8 +230,8 @@ def scaling_exponents(batch: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def report_markdown(runs: pd.DataFrame, header: str) -> str:
-    """The three studies' tables as markdown, under ``header``."""
+def report_markdown(runs: pd.DataFrame, batch: pd.DataFrame, header: str) -> str:
+    """The three studies' tables as markdown, under ``header``; ``batch`` is ``batch_table(runs, classes)``."""
     lines = [header, ""]
     salr = salr_table(runs)
     if not salr.empty:
@@ -263,7 +262,6 @@ def report_markdown(runs: pd.DataFrame, header: str) -> str:
                 f"{_pm(row, 'final_test_acc', 4)} | {row.seeds} |"
             )
         lines.append("")
-    batch = batch_table(runs)
     if not batch.empty:
         lrs = sorted({lr for losses in batch.losses for lr in losses})
         lines += [
@@ -306,8 +304,9 @@ def _loss_cell(loss: float | None, best: bool) -> str:
     return f"**{text}**" if best else text
 
 
-def plot_report(runs: pd.DataFrame, out: Path) -> Path:
-    """``out.png``: SALR's train loss and lr factor per epoch, the orders' train loss, the best lr per batch size."""
+def plot_report(runs: pd.DataFrame, batch: pd.DataFrame, out: Path) -> Path:
+    """``out.png``: SALR's train loss and lr factor per epoch, the orders' train loss, the best lr per batch size
+    (``batch``, from ``batch_table``)."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(_ordered(runs.optimizer.unique()))}
     with_salr = salr_runs(runs)
@@ -334,7 +333,6 @@ def plot_report(runs: pd.DataFrame, out: Path) -> Path:
     axes[0, 1].set(xlabel="epoch", ylabel="SALR's lr / lr0 (epoch mean)", title="the lr SALR set")
     axes[0, 1].axhline(1.0, color="grey", lw=0.8)
     axes[1, 0].set(yscale="log", xlabel="epoch", ylabel="train loss (epoch mean)", title="data orders (no SALR)")
-    batch = batch_table(runs)
     ax = axes[1, 1]
     for name, group in batch.groupby("optimizer") if not batch.empty else ():
         group = group[~group.flat].sort_values("batch_size")
