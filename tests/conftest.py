@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from adacov.config import register_resolvers
+from models.conv6 import ConvNet6
 
 register_resolvers()
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +66,19 @@ def wait_for_rows(path: Path, rows: int, process: subprocess.Popen, timeout: flo
             return
         time.sleep(0.002)  # the run goes on between polls: keep the window before a signal short
     raise AssertionError(f"{path} did not reach {rows} rows")
+
+
+@pytest.fixture
+def nan_at_step_5(monkeypatch):
+    """Make the net's 5th training forward pass return NaN logits (an injected fault)."""
+    forward, calls = ConvNet6.forward, []
+
+    def poisoned(self, x):
+        logits = forward(self, x)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 5:
+                return logits * float("nan")
+        return logits
+
+    monkeypatch.setattr(ConvNet6, "forward", poisoned)

@@ -16,7 +16,6 @@ from adacov.training import train
 from adacov.training.checkpoint import CHECKPOINT
 from adacov.training.loop import finished_record
 from adacov.training.run_logger import DIVERGED
-from models.conv6 import ConvNet6
 from tests.conftest import LONG, ROOT, SMALL, cli_env, run_cli, wait_for_rows
 
 
@@ -99,22 +98,6 @@ def test_resume_leaves_a_finished_record_as_it_is(small_config, tmp_path):
 
     longer = train(small_config("optimizer=adam", "epochs=3", "resume=true"))
     assert longer["epoch"] == 3 and pd.read_csv(tmp_path / "metrics.csv").step.tolist() == list(range(1, 25))
-
-
-@pytest.fixture
-def nan_at_step_5(monkeypatch):
-    """Make the net's 5th training forward pass return NaN logits (an injected fault)."""
-    forward, calls = ConvNet6.forward, []
-
-    def poisoned(self, x):
-        logits = forward(self, x)
-        if self.training:
-            calls.append(1)
-            if len(calls) == 5:
-                return logits * float("nan")
-        return logits
-
-    monkeypatch.setattr(ConvNet6, "forward", poisoned)
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_steps_before_it(small_config, tmp_path, nan_at_step_5):

@@ -14,14 +14,18 @@ import pandas as pd
 import pytest
 
 import plot_curves
+from adacov.errors import NonFiniteLossError
+from adacov.report import load_runs
 from adacov.report.runs import runs_from_wandb
 from adacov.training import train
+from adacov.training.run_logger import DIVERGED
 
 
 class RecordedRun:
     def __init__(self, run_id: str, config: dict) -> None:
         self.id, self.config = run_id, config
         self.rows: dict[int, dict] = defaultdict(dict)
+        self.summary: dict = {}
 
     def scan_history(self, keys: list[str]):
         for step in sorted(self.rows):
@@ -40,26 +44,39 @@ class RecordedApi:
 
 
 @pytest.fixture
-def logged_to_wandb(small_config, tmp_path, monkeypatch):
-    """Two real training runs (Adam, AdaCov) logged offline to W&B, with the history W&B received."""
+def wandb_server(monkeypatch) -> dict[str, RecordedRun]:
+    """Records what real runs log to W&B (offline), history and summary updates, and serves it through ``wandb.Api``."""
     import wandb.sdk.wandb_run
 
     recorded: dict[str, RecordedRun] = {}
-    log = wandb.sdk.wandb_run.Run.log
+    log, update_summary = wandb.sdk.wandb_run.Run.log, wandb.sdk.wandb_run.Run._summary_update_callback
+
+    def remote_of(run) -> RecordedRun:
+        return recorded.setdefault(run.id, RecordedRun(run.id, dict(run.config)))
 
     def recording_log(run, data, step=None, **kwargs):
-        remote = recorded.setdefault(run.id, RecordedRun(run.id, dict(run.config)))
-        remote.rows[step].update(data)
+        remote_of(run).rows[step].update(data)
         return log(run, data, step=step, **kwargs)
 
+    def recording_summary(run, record):
+        remote_of(run).summary.update({".".join(item.key): item.value for item in record.update})
+        return update_summary(run, record)
+
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", recording_log)
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "_summary_update_callback", recording_summary)
+    monkeypatch.setattr(wandb, "Api", lambda: RecordedApi(list(recorded.values())))
+    return recorded
+
+
+@pytest.fixture
+def logged_to_wandb(small_config, tmp_path, wandb_server):
+    """Two real training runs (Adam, AdaCov) logged offline to W&B, with the history W&B received."""
     run_dirs = []
     for optimizer in ("adam", "adacov"):
         cfg = small_config("epochs=2", "wandb.mode=offline", f"optimizer={optimizer}")
         cfg.paths.output_dir = str(tmp_path / optimizer)
         train(cfg)
         run_dirs.append(tmp_path / optimizer)
-    monkeypatch.setattr(wandb, "Api", lambda: RecordedApi(list(recorded.values())))
     return run_dirs
 
 
@@ -83,3 +100,24 @@ def test_plot_curves_from_wandb_writes_the_same_table_as_from_the_files(logged_t
     for name in ("final_losses.csv", "table1.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "remote" / name), pd.read_csv(tmp_path / "local" / name))
     assert (tmp_path / "remote" / "figure1.png").stat().st_size > 0
+
+
+def test_a_diverged_run_stays_diverged_when_downloaded_and_one_under_way_is_left_out(small_config, tmp_path, wandb_server, nan_at_step_5):
+    """The divergence goes into the W&B summary and comes back as diverged.txt: the run counts as stopped early.
+    A local run that stopped short of its epochs holding a checkpoint is under way and left out, with a warning."""
+    cfg = small_config("epochs=2", "wandb.mode=offline", "optimizer=adam")
+    cfg.paths.output_dir = str(tmp_path / "local" / "diverged")
+    with pytest.raises(NonFiniteLossError):
+        train(cfg)
+    (downloaded,) = runs_from_wandb("someone/adacov", tmp_path / "downloaded").iterdir()
+    assert "loss is nan at step 5" in (downloaded / DIVERGED).read_text()
+    (run,) = load_runs(tmp_path / "downloaded")
+    assert run.stopped_early and not run.under_way
+
+    cfg = small_config("epochs=1", "optimizer=adam")
+    under_way = tmp_path / "local" / "under_way"
+    cfg.paths.output_dir = str(under_way)
+    train(cfg)  # a 2-epoch run's first epoch, checkpointed
+    (under_way / "environment.json").write_text((under_way / "environment.json").read_text().replace('"epochs": 1', '"epochs": 2'))
+    with pytest.warns(UserWarning, match=r"skipping .*under_way: 1 of its 2 epochs and a checkpoint, still under way"):
+        assert [r.path.name for r in load_runs(tmp_path / "local")] == ["diverged"]

@@ -312,3 +312,21 @@ def test_a_cpu_run_is_labelled_by_its_thread_count_not_by_older_text(tmp_path):
         (run / "environment.json").write_text(json.dumps({**info, "device": "cpu", "torch_threads": 1, "device_name": name}))
     runs = load_runs(tmp_path)
     assert [r.info["device_name"] for r in runs] == ["CPU (1 thread)"] * 2 and check_consistent(runs) == []
+
+
+def test_the_comparison_takes_finals_only_from_runs_that_logged_all_their_epochs(tmp_path):
+    """K-FAC: seed 0 finishes at 0.5; seed 1 diverged after epoch 1 (3.5), counted as stopped early; seed 2 holds a
+    checkpoint after epoch 1, still under way, and is left out (its epoch 1 is not its final epoch)."""
+    from adacov.report import build_comparison
+
+    for seed in (0, 1):
+        make_run(tmp_path, "adam", 3, seed, 0.1, final_train_loss=1.0)
+    make_run(tmp_path, "kfac", 3, 0, 0.1, final_train_loss=0.5)
+    for seed, leftover in ((1, "diverged.txt"), (2, "checkpoint.pt")):
+        run = make_run(tmp_path, "kfac", 3, seed, 0.1, final_train_loss=0.5)
+        pd.read_csv(run / "epochs.csv").head(1).to_csv(run / "epochs.csv", index=False)
+        (run / leftover).write_text("")
+    with pytest.warns(UserWarning, match=r"kfac_k3_seed2: 1 of its 2 epochs and a checkpoint, still under way"):
+        runs = load_runs(tmp_path)
+    kfac = build_comparison(runs).set_index("optimizer").loc["K-FAC"]
+    assert kfac["final train loss"] == 0.5 and kfac["seeds"] == 1 and kfac["stopped early"] == 1 and kfac["reached"] == "1/1"

@@ -18,7 +18,8 @@ Target: per kernel size, Adam's mean final-epoch train loss at its tuned lr (the
 from a baseline's result the same way). A run's train loss at a step is the mean of its last epoch's worth
 of step losses (the same window as an epoch's train loss); the first step at which it is at or below the
 target counts. Seconds are summed step times (zero_grad, forward, backward, optimizer step; no evaluation).
-Steps and seconds are medians over the seeds that reach the target; "reached" counts them. The step-time
+Steps and seconds are medians over the seeds that reach the target; "reached" counts them. Only runs that
+logged all their epochs count ("seeds"); "stopped early" counts those that did not (a divergence). The step-time
 ratio divides a run's mean step time after 10 warm-up steps (periodic work such as inverses and refreshes
 included) by Adam's; the peak state is the largest optimizer state (its tensors' bytes) at the end of any
 epoch. Both are medians over seeds; losses and accuracies are mean ± std."""
@@ -55,21 +56,23 @@ def build_comparison(runs: list[Run], bench: pd.DataFrame | None = None) -> pd.D
     benched = bench_ratios(bench) if bench is not None else None
     rows = []
     for k in sorted({r.kernel_size for r in runs}):
-        at_k = [r for r in runs if r.kernel_size == k and not r.epochs.empty]
-        adam = [r for r in at_k if r.optimizer == "adam"]
+        at_k = [r for r in runs if r.kernel_size == k]
+        adam = [r for r in at_k if r.optimizer == "adam" and not r.stopped_early]
         if not adam:
             continue
         target = sum(float(r.epochs.train_loss.iloc[-1]) for r in adam) / len(adam)
         adam_step = pd.Series([run_step_time(r) for r in adam]).median()
         for name in _ordered({r.optimizer for r in at_k}):
-            group = [r for r in at_k if r.optimizer == name]
-            finals = pd.Series([float(r.epochs.train_loss.iloc[-1]) for r in group])
-            accuracies = pd.Series([float(r.epochs.test_acc.iloc[-1]) for r in group])
+            stopped = sum(r.stopped_early for r in at_k if r.optimizer == name)
+            group = [r for r in at_k if r.optimizer == name and not r.stopped_early]
+            finals = pd.Series([float(r.epochs.train_loss.iloc[-1]) for r in group], dtype=float)
+            accuracies = pd.Series([float(r.epochs.test_acc.iloc[-1]) for r in group], dtype=float)
             times = pd.DataFrame([time_to_target(r, target) for r in group], columns=["steps", "seconds"]).dropna()
             rows.append({
                 "kernel": f"{k}x{k}",
                 "optimizer": NAMES.get(name, name),
                 "seeds": len(group),
+                "stopped early": stopped,
                 "final train loss": finals.mean(),
                 "± std": finals.std() if len(group) > 1 else math.nan,
                 "test acc": accuracies.mean(),
@@ -78,8 +81,8 @@ def build_comparison(runs: list[Run], bench: pd.DataFrame | None = None) -> pd.D
                 "steps to target": times.steps.median() if len(times) else math.nan,
                 "seconds to target": times.seconds.median() if len(times) else math.nan,
                 "reached": f"{len(times)}/{len(group)}",
-                "step time vs Adam": pd.Series([run_step_time(r) for r in group]).median() / adam_step,
-                "peak state (MB)": pd.Series([float(r.epochs.optimizer_state_mb.max()) for r in group]).median(),
+                "step time vs Adam": pd.Series([run_step_time(r) for r in group], dtype=float).median() / adam_step,
+                "peak state (MB)": pd.Series([float(r.epochs.optimizer_state_mb.max()) for r in group], dtype=float).median(),
             })  # fmt: skip
             if benched is not None:
                 ratio = benched.get((k, name), math.nan)

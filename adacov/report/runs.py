@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from adacov.errors import UserError
-from adacov.training.run_logger import ENVIRONMENT, EPOCH_FIELDS, EPOCHS, METRICS, cpu_name
+from adacov.training.checkpoint import CHECKPOINT
+from adacov.training.run_logger import DIVERGED, ENVIRONMENT, EPOCH_FIELDS, EPOCHS, METRICS, cpu_name
 
 LABELS = ("optimizer", "kernel_size", "seed", "data", "batch_size", "epochs", "steps_per_epoch", "device_name")
 
@@ -37,12 +38,19 @@ class Run:
         """Whether the run logged fewer epochs than its config asked for (it diverged, or is still running)."""
         return len(self.epochs) < int(self.info.get("epochs", len(self.epochs)))
 
+    @property
+    def under_way(self) -> bool:
+        """Whether the run stopped early holding a checkpoint to resume from: still training, or stopped by a signal
+        (a divergence leaves ``diverged.txt``; committed runs keep no checkpoint)."""
+        return self.stopped_early and (self.path / CHECKPOINT).is_file() and not (self.path / DIVERGED).is_file()
+
 
 def load_runs(root: Path) -> list[Run]:
     """Every run below ``root`` (a directory holding metrics.csv and environment.json).
 
-    Incomplete rows (a run killed while writing) are dropped with a warning; a directory that is
-    missing or holds no run raises a UserError.
+    Incomplete rows (a run killed while writing) are dropped with a warning, and so is a run still under way
+    (:attr:`Run.under_way`): its last epoch is not its final one. A directory that is missing or holds no run
+    raises a UserError.
     """
     root = Path(root)
     if not root.is_dir():
@@ -60,7 +68,11 @@ def load_runs(root: Path) -> list[Run]:
         if metrics.empty:
             warnings.warn(f"skipping {run_dir}: no complete step in {METRICS}")
             continue
-        runs.append(Run(run_dir, info, metrics, epochs))
+        run = Run(run_dir, info, metrics, epochs)
+        if run.under_way:
+            warnings.warn(f"skipping {run_dir}: {len(epochs)} of its {info['epochs']} epochs and a checkpoint, still under way")
+            continue
+        runs.append(run)
     if not runs:
         raise UserError(f"no runs below {root}: expected directories with {METRICS} and {ENVIRONMENT} (from train.py)")
     return runs
@@ -109,7 +121,9 @@ def runs_from_wandb(path: str, out: Path) -> Path:
         steps = steps.rename(columns={"_step": "step", "train/loss": "loss", "train/step_time_s": "step_time_s"})
         steps[["step", "epoch", "loss", "step_time_s"]].to_csv(run_dir / METRICS, index=False)
         epoch_keys = [f"epoch/{k}" for k in EPOCH_FIELDS if k != "step"]
-        epochs = pd.DataFrame(remote.scan_history(keys=["_step", *epoch_keys]))
+        epochs = pd.DataFrame(remote.scan_history(keys=["_step", *epoch_keys]), columns=["_step", *epoch_keys])  # header kept without rows
         epochs.columns = [c.removeprefix("epoch/") for c in epochs.columns]
         epochs.rename(columns={"_step": "step"}).to_csv(run_dir / EPOCHS, index=False)
+        if remote.summary.get("diverged"):
+            (run_dir / DIVERGED).write_text(f"{remote.summary['diverged']}\n")
     return out

@@ -167,6 +167,10 @@ class Trainer:
             with StopSignals() as signals:
                 for epoch in range(self.position.epoch, self.cfg.epochs):
                     self._epoch(epoch, signals)
+        except DivergenceError as error:
+            if self.logger is not None:
+                self.logger.record_divergence(str(error))
+            raise
         finally:
             if self.logger is not None:
                 self.logger.close()

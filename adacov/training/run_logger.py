@@ -138,6 +138,14 @@ class RunLogger:
         if self.wandb is not None:
             self._wandb_log({f"epoch/{k}": v for k, v in row.items() if k != "step"}, row["step"])
 
+    def record_divergence(self, message: str) -> None:
+        """Put the divergence into the W&B run's summary (``diverged``), as ``diverged.txt`` holds it locally."""
+        if self.wandb is not None:
+            try:
+                self.wandb.summary["diverged"] = message
+            except Exception as error:  # noqa: BLE001 - W&B must never hide the divergence itself
+                warnings.warn(f"W&B summary failed ({one_line(error)}); {self.run_dir} records the divergence")
+
     def close(self) -> None:
         self.metrics.close()
         self.epochs.close()
