@@ -257,6 +257,27 @@ def test_the_cost_plot_draws_a_blown_up_method_at_its_top_edge(tmp_path, monkeyp
     assert top == pytest.approx(0.8)
 
 
+def test_the_cost_plot_labels_coinciding_methods_once_and_stacks_the_off_scale_ones(tmp_path, monkeypatch):
+    """Fashion-MNIST at 3x3: RS-KFAC and SRE-KFAC end on one point and share a label at the first one's point; the
+    two KLD-WRMs above the axis share one too, and the off-scale labels go one line further down each, left to right;
+    AdaCov keeps its own label wherever it is."""
+    from adacov.report import comparison_figure
+
+    rows = [("Adam", 0.4, 1.0), ("RS-KFAC", 0.52, 1.46), ("AdaCov", 0.52, 1.47), ("SRE-KFAC", 0.521, 1.43),
+            ("TKFAC", 1637.0, 1.65), ("KLD-WRM (Q)", 0.987, 1.49), ("KLD-WRM (SO)", 0.987, 1.44), ("SENG", 2.35, 5.77)]
+    table = pd.DataFrame({"kernel": "3x3", "optimizer": [r[0] for r in rows], "final train loss": [r[1] for r in rows],
+                          "± std": 0.01, "step time vs Adam, bench": [r[2] for r in rows]})  # fmt: skip
+    drawn = []
+    monkeypatch.setattr(comparison_figure, "_save", lambda fig, out, formats: drawn.append(
+        [(t.get_text(), t.xy, t.xyann) for t in fig.axes[0].texts]) or [])  # fmt: skip
+    comparison_figure.plot_cost(table, tmp_path / "cost")
+    assert drawn == [[
+        ("Adam", (1.0, 0.4), (5, 3)), ("RS-KFAC, SRE-KFAC", (1.46, 0.52), (5, 3)), ("AdaCov", (1.47, 0.52), (5, 3)),
+        ("KLD-WRM (Q), KLD-WRM (SO) (0.987, 0.987, off scale)", (1.49, 0.8), (5, -10)),
+        ("TKFAC (1.64e+03, off scale)", (1.65, 0.8), (5, -20)), ("SENG (2.35, off scale)", (5.77, 0.8), (5, -30)),
+    ]]  # fmt: skip
+
+
 def test_a_comparison_draws_a_panel_per_family_and_a_ranking(tmp_path, monkeypatch):
     """More than 6 optimizers: small multiples with one column per family present, and the ranked dot plot."""
     from adacov.report import comparison_figure

@@ -196,19 +196,28 @@ def plot_cost(comparison: pd.DataFrame, out: Path, formats=("png",), title: str 
         names = table.optimizer.map(lambda shown: keys.get(shown, shown))
         reference = table[names == REFERENCE]["final train loss"]
         top = COST_PLOT_TOP * float(reference.iloc[0]) if not reference.empty else math.inf
+        points = []
         for name, (_, r) in zip(names, table.iterrows()):
             color = _dot_color(name)
             x, y, spread = r["step time vs Adam, bench"], r["final train loss"], r["± std"]
-            label, size, off_scale = r.optimizer, 8 if name in SUBJECTS else 5, y > top
+            size, off_scale = 8 if name in SUBJECTS else 5, y > top
             if off_scale:
-                label, y = f"{r.optimizer} ({y:.3g}, off scale)", top
-                ax.plot(x, y, marker="^", ls="", color=color, ms=size, clip_on=False)
+                ax.plot(x, top, marker="^", ls="", color=color, ms=size, clip_on=False)
             else:
                 ax.errorbar(x, y, yerr=0 if math.isnan(spread) else spread, fmt="o", color=color, ms=size, capsize=2.5, lw=1.2)
-            ax.annotate(label, (x, y), xytext=(5, -10 if off_scale else 3), textcoords="offset points", fontsize=8,
-                        color=color, fontweight="bold" if name in SUBJECTS else "normal")  # fmt: skip
+            if math.isfinite(x) and math.isfinite(y):  # a method without a bench ratio or a finished seed has no point
+                points.append({"name": name, "shown": r.optimizer, "x": x, "y": min(y, top), "loss": y, "off": off_scale})
             if name == REFERENCE:
                 ax.axhline(y, color="#222222", ls=":", lw=1.2)
+        row = 0
+        for group in _close_groups(points):
+            first = group[0]
+            label = ", ".join(p["shown"] for p in group)
+            if first["off"]:
+                losses = ", ".join(format(p["loss"], ".3g") for p in group)
+                label, row = f"{label} ({losses}, off scale)", row + 1
+            ax.annotate(label, (first["x"], first["y"]), xytext=(5, -10 * row if first["off"] else 3), textcoords="offset points",
+                        fontsize=8, color=_dot_color(first["name"]), fontweight="bold" if first["name"] in SUBJECTS else "normal")  # fmt: skip
         if math.isfinite(top):
             ax.set_ylim(top=top)
         ax.margins(x=0.15)  # room for the labels right of the points
@@ -220,6 +229,22 @@ def plot_cost(comparison: pd.DataFrame, out: Path, formats=("png",), title: str 
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out, formats)
+
+
+def _close_groups(points: list[dict], near: float = 0.03) -> list[list[dict]]:
+    """The points in groups that share one label: single linkage within ``near`` of the panel's x and y ranges (the
+    five low-rank K-FACs end as one cluster), never across the plot's edge; AdaCov's methods keep their own labels.
+    Off-scale groups come last, left to right, so that their labels stack down from the top edge."""
+    xs, ys = [p["x"] for p in points] or [0.0], [p["y"] for p in points] or [0.0]
+    dx, dy = near * (max(xs) - min(xs) or 1.0), near * (max(ys) - min(ys) or 1.0)
+    groups: list[list[dict]] = []
+    for point in points:
+        joined = [g for g in groups if point["name"] not in SUBJECTS and any(
+            q["name"] not in SUBJECTS and q["off"] == point["off"] and abs(q["x"] - point["x"]) <= dx
+            and abs(q["y"] - point["y"]) <= dy for q in g)]  # fmt: skip
+        groups = [g for g in groups if g not in joined] + [sum(joined, []) + [point]]
+    groups = [sorted(g, key=points.index) for g in groups]
+    return sorted(groups, key=lambda g: (g[0]["off"], g[0]["x"] if g[0]["off"] else points.index(g[0])))
 
 
 __all__ = ["FAMILIES", "family_of", "final_metrics", "plot_comparison", "plot_cost", "plot_ranking"]
