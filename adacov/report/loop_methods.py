@@ -173,10 +173,9 @@ def batch_table(runs: pd.DataFrame, classes: int) -> pd.DataFrame:
     """Per optimizer and batch size (rr, no SALR): mean final train loss at each lr, the grid's best lr and
     the best lr refined by a parabola in ``log10(lr)`` through the best point and its two neighbours. ``flat``:
     the best final loss is above ``1 - FLAT`` times ``ln(classes)``, a uniform prediction's loss over the task's
-    ``classes``, so no lr trained
-    and the row has no best lr to speak of (an lr that blew up does not move that reference). At the base batch only
-    the seeds and epoch count of the other batch sizes' runs count (the other studies ran it on more seeds, maybe
-    for longer)."""
+    ``classes``, so no lr trained and the row has no best lr to speak of (an lr that blew up does not move that
+    reference). At the base batch only the seeds and epoch count of the other batch sizes' runs count (the other
+    studies ran it on more seeds, maybe for longer)."""
     chosen = runs[(runs.data_order == "rr") & ~runs.salr]
     others = chosen[chosen.batch_size != base_batch(runs)]
     if not others.empty:
