@@ -16,12 +16,28 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     threads, load = torch.get_num_threads(), os.getloadavg()[0]
+    model = _cpu_model()
     busy = " - UNDER LOAD: other processes shared the cores, so every time here is slower than on an idle machine"
     return (
-        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch thread{'' if threads == 1 else 's'}, "
+        f"CPU {platform.processor() or platform.machine()}{f' ({model})' if model else ''}, {os.cpu_count()} cores, {threads} torch thread{'' if threads == 1 else 's'}, "
         f"torch {torch.__version__}, Python {platform.python_version()}; 1-minute load average {load:.1f} when "
         f"written{busy if load > threads + 0.5 else ''}"
     )
+
+
+def _cpu_model() -> str:
+    """The CPU's model as Linux reports it (empty elsewhere): name, family and model number, since a VM often names
+    only the vendor, and hosts of one VM size differ in their timings."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            first = cpuinfo.read().split("\n\n")[0]
+    except OSError:
+        return ""
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    if "model name" not in fields:
+        return ""
+    return f"{fields['model name']}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
 
 
 def publish(text: str, out: Path | None, title: str, script: str, argv: list[str] | None) -> None:

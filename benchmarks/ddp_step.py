@@ -1,7 +1,8 @@
 """Optimizer step time per rank with 1 and with N gloo ranks: how much of AdaCov's overhead sharing removes.
 
-Each rank holds the same model and the same gradient (DDP's averaged gradient is the same on every rank) and
-times ``optimizer.step()`` alone for Adam and each optimizer asked for, interleaved, with a barrier before every
+Each rank holds the same model and, at each step, the same gradient (DDP's averaged gradient is the same on every
+rank; a new batch's at each step, so that the covariances have full rank as in training) and times
+``optimizer.step()`` alone for Adam and each optimizer asked for, interleaved, with a barrier before every
 timed step so that no rank waits inside a collective for a late one. Every run gives each rank the same number
 of torch threads (the CPU's cores over the largest number of ranks), so a rank's compute is the same whether
 it runs alone or beside others; the overhead per rank is the median step minus Adam's median step, on the slowest
@@ -32,13 +33,19 @@ def _rank(rank: int, ranks: int, init: str, build: Callable, settings: dict, que
         torch.manual_seed(0)
         model = ConvNet6(settings["kernel_size"], settings["widths"], in_channels=settings["in_channels"],
                          num_classes=settings["classes"])  # fmt: skip
-        x = torch.randn(settings["batch"], settings["in_channels"], 32, 32)
-        y = torch.randint(0, settings["classes"], (settings["batch"],))
-        nn.functional.cross_entropy(model(x), y).backward()
+        grads = []
+        for _ in range(settings["warmup"] + settings["rounds"]):
+            x = torch.randn(settings["batch"], settings["in_channels"], 32, 32)
+            y = torch.randint(0, settings["classes"], (settings["batch"],))
+            model.zero_grad(set_to_none=False)
+            nn.functional.cross_entropy(model(x), y).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
         optimizers = {name: build(name, model) for name in settings["names"]}
         samples: dict[str, list[float]] = {name: [] for name in optimizers}
         for r in range(settings["warmup"] + settings["rounds"]):
             for name, optimizer in optimizers.items():
+                for p, g in zip(model.parameters(), grads[r]):
+                    p.grad.copy_(g)
                 dist.barrier()
                 start = time.perf_counter()
                 optimizer.step()

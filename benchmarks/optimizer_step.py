@@ -89,8 +89,9 @@ DEFAULT = ["adam", "adacov", "adacov_fast", "mbf"]
 FAST_GOALS = {3: 0.05, 5: 0.12}
 DDP_GOAL = 0.6
 # Untimed steps per rank first: a rank's first steps are slower (buffers of the shared work and the gathered
-# results are first allocated, gloo's first collectives).
-DDP_WARMUP = 3
+# results are first allocated, gloo's first collectives), and the covariances reach full rank after d gradients
+# (25 at 5x5): the cost of eigh depends on the spectrum, and a C of low rank is not the one training decomposes.
+DDP_WARMUP = 25
 
 
 def build(name: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -244,7 +245,7 @@ def report(results: dict[int, dict[str, tuple]], ddp: dict[int, dict], args: arg
         lines += [
             "",
             f"AdaCov's optimizer step per rank under torch.distributed (gloo, {threads} torch thread(s) per rank in "
-            f"every run; each rank the same gradient, as DDP averages it; median of {args.ddp_rounds} steps after "
+            f"every run; each rank the same gradient, as DDP averages it, a new batch's at every step; median of {args.ddp_rounds} steps after "
             f"{DDP_WARMUP}, slowest rank; benchmarks/ddp_step.py):",
             "",
             "| kernel | optimizer | ranks | optimizer step per rank (ms) | overhead over Adam per rank (ms) "
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-channels", type=int, default=3)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--ddp-ranks", type=int, nargs="*", default=[1, 2], help="gloo ranks to time AdaCov with (none: skip)")
-    parser.add_argument("--ddp-rounds", type=int, default=5)
+    parser.add_argument("--ddp-rounds", type=int, default=15)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
     parser.add_argument("--csv", type=Path, help="also write the step times per (kernel size, optimizer) here")

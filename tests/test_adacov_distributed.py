@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from adacov import AdaCov
 from adacov.optim import adacov as adacov_module
-from adacov.optim.distributor import assign_shares
+from adacov.optim.distributor import assign_shares, dealt_rows
 from tests.helpers import batches, loss_and_backward, small_convnet
 
 pytestmark = pytest.mark.numerics
@@ -152,3 +152,15 @@ def test_shares_follow_the_greedy_schedule_by_cost():
     assert assign_shares(((5, 1),), 3) == ((2, 2, 1),)
     assert assign_shares(((1, 100), (3, 40)), 2) == ((1, 0), (0, 3))  # 100 | 40 40 40 -> loads 100 / 120
     assert sum(assign_shares(((31840, 25**3),), 4)[0]) == 31840
+
+
+def test_shares_are_dealt_out_across_the_job():
+    """Each rank's blocks spread over the whole job: equal shares in turn, unequal ones in proportion; together
+    every block once."""
+    assert [r.tolist() for r in dealt_rows((3, 3))] == [[0, 2, 4], [1, 3, 5]]
+    assert [r.tolist() for r in dealt_rows((2, 2, 1))] == [[0, 3], [1, 4], [2]]
+    assert [r.tolist() for r in dealt_rows((4, 2))] == [[0, 2, 3, 5], [1, 4]]  # places 0 1/4 1/2 3/4 | 0 1/2
+    assert [r.tolist() for r in dealt_rows((1, 0))] == [[0], []]
+    rows = dealt_rows((7, 6, 6))
+    assert torch.sort(torch.cat(rows)).values.tolist() == list(range(19))
+    assert all(abs(r.double().mean() - 9) <= 1 for r in rows)  # each rank's blocks centred on the job's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -13,7 +14,7 @@ from torch.profiler import record_function
 
 from adacov.optim.base import STEP, BaseOptimizer, lr_value, new_counter, step_grad
 from adacov.optim.compiled_step import cached_basis_steps, compiled, has_cxx_compiler, moment_updates
-from adacov.optim.distributor import Distributor, Job
+from adacov.optim.distributor import Distributor, Job, Rows
 from adacov.optim.matrix_functions import (
     add_folded_outer,
     apply_inverse_root,
@@ -352,15 +353,24 @@ class EighWorkspace:
         return sum(b.numel() * b.element_size() for buffers in self._buffers.values() for b in buffers)
 
 
-def _segments(sizes: list[int], start: int, stop: int) -> list[tuple[int, int, int, int]]:
-    """``(i, a, b, at)``: rows ``a:b`` of item ``i`` are rows ``at:at + b - a`` of ``start:stop`` of the items
-    ``sizes`` laid end to end."""
-    found, offset = [], 0
-    for i, size in enumerate(sizes):
-        a, b = max(start - offset, 0), min(stop - offset, size)
-        if a < b:
-            found.append((i, a, b, offset + a - start))
-        offset += size
+def _segments(sizes: list[int], rows: Rows) -> list[tuple[int, Rows, int, int]]:
+    """``(i, local, at, count)``: of the items ``sizes`` laid end to end, the ``rows`` (a range, or ascending
+    indices) that fall in item ``i`` are its rows ``local`` (of the same kind), and rows ``at:at + count`` of
+    ``rows``."""
+    offsets = [0, *itertools.accumulate(sizes)]
+    if isinstance(rows, slice):
+        bounds = [min(max(o, rows.start), rows.stop) - rows.start for o in offsets]
+    else:
+        bounds = torch.searchsorted(rows, torch.tensor(offsets, device=rows.device)).tolist()
+    found = []
+    for i, offset in enumerate(offsets[:-1]):
+        at, stop = bounds[i], bounds[i + 1]
+        if at < stop:
+            if isinstance(rows, slice):
+                local = slice(rows.start + at - offset, rows.start + stop - offset)
+            else:
+                local = rows[at:stop] - offset
+            found.append((i, local, at, stop - at))
     return found
 
 
@@ -382,19 +392,19 @@ def _exact_step(kernels: list[Kernel], workspace: EighWorkspace, distributor: Di
             update_covariance(k.state[EXP_COV], k.grad.reshape(-1, d), k.group["betas"][1])
     sizes = [k.state[EXP_COV].shape[0] for k in kernels]
 
-    def directions(start: int, stop: int) -> Tensor:
-        pieces = _segments(sizes, start, stop)
-        stacked, w, Q = workspace.get(stop - start, d, like=kernels[0].state[EXP_COV])
-        for i, a, b, at in pieces:
-            blend_offdiagonal(kernels[i].state[EXP_COV][a:b], _scale(kernels[i]), out=stacked[at : at + b - a])
+    def directions(rows: Rows) -> Tensor:
+        pieces = _segments(sizes, rows)
+        stacked, w, Q = workspace.get(sum(count for *_, count in pieces), d, like=kernels[0].state[EXP_COV])
+        for i, local, at, count in pieces:
+            blend_offdiagonal(kernels[i].state[EXP_COV][local], _scale(kernels[i]), out=stacked[at : at + count])
         with record_function("adacov::eigh"):
             symmetric_eigh(stacked, out=(w, Q))
-        found = stacked.new_empty(stop - start, d)
+        found = stacked.new_empty(stacked.shape[0], d)
         with record_function("adacov::apply_inverse_root"):
-            for i, a, b, at in pieces:
+            for i, local, at, count in pieces:
                 k = kernels[i]
-                found[at : at + b - a] = apply_inverse_root(
-                    Q[at : at + b - a], w[at : at + b - a], k.state[EXP_AVG].view(-1, d)[a:b], shift=k.group["cov_eps"] ** 2,
+                found[at : at + count] = apply_inverse_root(
+                    Q[at : at + count], w[at : at + count], k.state[EXP_AVG].view(-1, d)[local], shift=k.group["cov_eps"] ** 2,
                     scale=_bias_correction(k),
                 )  # fmt: skip
         return found
@@ -554,20 +564,20 @@ def _refresh(kernels: list[Kernel], chosen: list[Tensor], workspace: EighWorkspa
     d = math.prod(kernels[0].p.shape[2:])
     like = kernels[0].state[EXP_COV_FOLDED]
 
-    def decompose(start: int, stop: int) -> Tensor:
-        pieces = _segments(sizes, start, stop)
-        stacked, w, Q = workspace.get(stop - start, d, like=like)
-        for i, a, b, at in pieces:
-            _blended(kernels[i].state, chosen[i][a:b], _scale(kernels[i]), stacked[at : at + b - a])
+    def decompose(rows: Rows) -> Tensor:
+        pieces = _segments(sizes, rows)
+        stacked, w, Q = workspace.get(sum(count for *_, count in pieces), d, like=like)
+        for i, local, at, count in pieces:
+            _blended(kernels[i].state, chosen[i][local], _scale(kernels[i]), stacked[at : at + count])
         with record_function("adacov::eigh"):
             symmetric_eigh(stacked, out=(w, Q))
         with record_function("adacov::store_basis"):
-            for i, a, b, at in pieces:  # C itself, now that eigh is done with C_s
-                folded_covariance(kernels[i].state, chosen[i][a:b], out=stacked[at : at + b - a])
+            for i, local, at, count in pieces:  # C itself, now that eigh is done with C_s
+                folded_covariance(kernels[i].state, chosen[i][local], out=stacked[at : at + count])
             eig_cov = torch.bmm(stacked, Q).mul_(Q).sum(-2)
             eig_diag = stacked.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).mul(Q.square()).sum(-2)
-            for i, a, b, at in pieces:
-                eig_diag[at : at + b - a] *= _bias_correction(kernels[i])
+            for i, local, at, count in pieces:
+                eig_diag[at : at + count] *= _bias_correction(kernels[i])
             return torch.cat([Q.flatten(1), eig_cov, eig_diag], 1)
 
     job = Job(sum(sizes), d**3, d * d + 2 * d, like.dtype, like.device, decompose)
