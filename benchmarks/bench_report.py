@@ -17,9 +17,10 @@ def machine_description(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     threads, load = torch.get_num_threads(), os.getloadavg()[0]
     model = _cpu_model()
+    cpu = f"{platform.processor() or platform.machine()}{f' ({model})' if model else ''}"
     busy = " - UNDER LOAD: other processes shared the cores, so every time here is slower than on an idle machine"
     return (
-        f"CPU {platform.processor() or platform.machine()}{f' ({model})' if model else ''}, {os.cpu_count()} cores, {threads} torch thread{'' if threads == 1 else 's'}, "
+        f"CPU {cpu}, {os.cpu_count()} cores, {threads} torch thread{'' if threads == 1 else 's'}, "
         f"torch {torch.__version__}, Python {platform.python_version()}; 1-minute load average {load:.1f} when "
         f"written{busy if load > threads + 0.5 else ''}"
     )
@@ -33,8 +34,8 @@ def _cpu_model() -> str:
             first = cpuinfo.read().split("\n\n")[0]
     except OSError:
         return ""
-    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    pairs = (line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in pairs}
     if "model name" not in fields:
         return ""
     return f"{fields['model name']}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"

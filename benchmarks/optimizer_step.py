@@ -245,8 +245,8 @@ def report(results: dict[int, dict[str, tuple]], ddp: dict[int, dict], args: arg
         lines += [
             "",
             f"AdaCov's optimizer step per rank under torch.distributed (gloo, {threads} torch thread(s) per rank in "
-            f"every run; each rank the same gradient, as DDP averages it, a new batch's at every step; median of {args.ddp_rounds} steps after "
-            f"{DDP_WARMUP}, slowest rank; benchmarks/ddp_step.py):",
+            f"every run; each rank the same gradient, as DDP averages it, a new batch's at every step; median of "
+            f"{args.ddp_rounds} steps after {DDP_WARMUP}, slowest rank; benchmarks/ddp_step.py):",
             "",
             "| kernel | optimizer | ranks | optimizer step per rank (ms) | overhead over Adam per rank (ms) "
             "| overhead vs 1 rank |",
